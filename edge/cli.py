@@ -1,0 +1,86 @@
+"""The ``edgefl`` command line.
+
+Subcommand groups live in the package that implements them and are imported only
+when the command line is parsed, each module registering itself with
+``register(subparsers)``. Command modules import their heavy dependencies (gRPC,
+LiteRT, TensorFlow, Flower) inside the functions that run a command, so
+``edgefl --version`` and ``edgefl doctor`` work on a bare install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+#: Modules that add subcommands, in the order they appear in ``--help``.
+COMMAND_MODULES = (
+    "edge.doctor",
+    "edge.commands",
+    "cloud.commands",
+    "cloud.authoring.commands",
+    "devices.commands",
+    "cloud.demo",
+)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("edgefl")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgefl",
+        description="Edge-cloud federated learning: LiteRT on devices, Flower in the cloud, "
+        "signed model pushes over MQTT.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgefl {version()}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            # A module of ours that is absent from this install (or a missing optional
+            # dependency imported at its top) only removes its commands.
+            if exc.name and (exc.name == name or name.startswith(exc.name + ".")):
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        code = func(args)
+    except KeyboardInterrupt:
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

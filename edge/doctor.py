@@ -1,0 +1,232 @@
+"""``edgefl doctor``: which parts of edgefl can run on this machine, and how to fix the rest.
+
+Each check imports or runs one component and reports ``ok``, ``missing`` or
+``warning`` with the version found and a one-line fix. The exit code is 1 when a part
+required for the chosen role is missing (``--role edge`` needs the device parts,
+``--role cloud`` adds Flower's SuperLink side, TensorFlow and the web stack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import platform
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Free disk below which the data directory gets a warning (models, data, logs).
+MIN_FREE_DISK_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Check:
+    component: str
+    status: str  # "ok", "missing", "warning"
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+def _module_check(
+    component: str, module: str, fix: str, *, required: bool, import_it: bool = True
+) -> Check:
+    """Import ``module`` (or, with ``import_it=False``, only locate it: TensorFlow takes
+    seconds to import and logs noise) and report its version."""
+    version = ""
+    try:
+        if import_it:
+            version = getattr(importlib.import_module(module), "__version__", "")
+        elif importlib.util.find_spec(module) is None:
+            raise ImportError(f"No module named {module!r}")
+    except Exception as exc:  # ImportError, or a broken wheel raising anything
+        return Check(component, "missing", f"cannot import {module}: {exc}", fix, required)
+    if not version:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
+
+        for dist in (component, module.split(".")[0]):
+            try:
+                version = dist_version(dist)
+                break
+            except PackageNotFoundError:
+                continue
+    return Check(component, "ok", version or "installed", "", required)
+
+
+def check_python() -> Check:
+    ok = sys.version_info >= (3, 11)
+    return Check(
+        "python",
+        "ok" if ok else "missing",
+        f"{platform.python_version()} on {platform.machine()}",
+        "" if ok else "edgefl needs Python 3.11 or newer",
+    )
+
+
+def check_litert() -> Check:
+    check = _module_check(
+        "ai-edge-litert",
+        "ai_edge_litert.interpreter",
+        "pip install 'edgefl[edge]' (64-bit OS needed: no armv7l wheel exists)",
+        required=True,
+    )
+    if check.status != "ok":
+        return check
+    try:
+        import numpy as np
+        from ai_edge_litert.interpreter import Interpreter  # noqa: F401
+    except Exception as exc:
+        return Check("ai-edge-litert", "missing", str(exc), "pip install 'edgefl[edge]'")
+    return Check("ai-edge-litert", "ok", f"{check.detail} (numpy {np.__version__})")
+
+
+def check_mosquitto(role: str) -> Check:
+    binary = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
+    )
+    required = role == "cloud"
+    if binary is None:
+        return Check(
+            "mosquitto",
+            "missing",
+            "broker binary not found",
+            "sudo apt-get install mosquitto",
+            required,
+        )
+    from cloud.broker import BrokerError, mosquitto_version
+
+    try:
+        return Check("mosquitto", "ok", f"{mosquitto_version(binary)} ({binary})", "", required)
+    except (BrokerError, OSError) as exc:
+        return Check("mosquitto", "warning", str(exc), "reinstall mosquitto", required)
+
+
+def check_flower_cli() -> Check:
+    bindir = Path(sys.executable).parent
+    missing = [
+        n
+        for n in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")
+        if not (bindir / n).exists()
+    ]
+    if missing:
+        return Check(
+            "flower CLIs",
+            "missing",
+            f"not in {bindir}: {', '.join(missing)}",
+            "pip install 'edgefl[edge]'",
+        )
+    return Check("flower CLIs", "ok", str(bindir))
+
+
+def check_disk(path: Path) -> Check:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    usage = shutil.disk_usage(probe)
+    free_mb = usage.free // (1024 * 1024)
+    if usage.free < MIN_FREE_DISK_BYTES:
+        return Check(
+            "disk",
+            "warning",
+            f"{free_mb} MB free at {probe}",
+            f"free space: edgefl wants at least {MIN_FREE_DISK_BYTES // (1024 * 1024)} MB",
+            required=False,
+        )
+    return Check("disk", "ok", f"{free_mb} MB free at {probe}", required=False)
+
+
+def run_checks(role: str, data_dir: Path) -> list[Check]:
+    cloud = role == "cloud"
+    checks = [
+        check_python(),
+        _module_check("numpy", "numpy", "pip install numpy", required=True),
+        _module_check("protobuf", "google.protobuf", "pip install protobuf", required=True),
+        _module_check("grpcio", "grpc", "pip install 'edgefl[edge]'", required=True),
+        _module_check(
+            "grpcio-health-checking",
+            "grpc_health.v1.health",
+            "pip install 'edgefl[edge]'",
+            required=True,
+        ),
+        _module_check(
+            "grpcio-reflection",
+            "grpc_reflection.v1alpha.reflection",
+            "pip install 'edgefl[edge]'",
+            required=True,
+        ),
+        check_litert(),
+        _module_check("paho-mqtt", "paho.mqtt.client", "pip install 'edgefl[edge]'", required=True),
+        _module_check("cryptography", "cryptography", "pip install 'edgefl[edge]'", required=True),
+        _module_check("flwr", "flwr", "pip install 'edgefl[edge]'", required=True),
+        check_flower_cli(),
+        check_mosquitto(role),
+        _module_check(
+            "tensorflow",
+            "tensorflow",
+            "pip install 'edgefl[cloud]' (cloud only; never on a device)",
+            required=cloud,
+            import_it=False,
+        )
+        if cloud
+        else Check(
+            "tensorflow",
+            "ok",
+            "not needed on a device (model authoring runs in the cloud)",
+            required=False,
+        ),
+        _module_check("fastapi", "fastapi", "pip install 'edgefl[cloud]'", required=cloud),
+        _module_check("sqlalchemy", "sqlalchemy", "pip install 'edgefl[cloud]'", required=cloud),
+        check_disk(data_dir),
+    ]
+    return checks
+
+
+def render(checks: list[Check]) -> str:
+    rows = [("component", "status", "found", "fix")]
+    rows += [
+        (
+            c.component,
+            c.status if c.required or c.status == "ok" else f"{c.status} (optional)",
+            c.detail,
+            c.fix,
+        )
+        for c in checks
+    ]
+    widths = [min(max(len(r[i]) for r in rows), 60) for i in range(3)]
+    lines = []
+    for i, row in enumerate(rows):
+        cells = [row[j][:60].ljust(widths[j]) for j in range(3)]
+        lines.append("  ".join(cells) + ("  " + row[3] if row[3] else ""))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths) + "  ---")
+    return "\n".join(lines)
+
+
+def doctor(args: argparse.Namespace) -> int:
+    checks = run_checks(args.role, Path(args.data_dir))
+    print(f"edgefl doctor (role: {args.role})")
+    print(render(checks))
+    failed = [c for c in checks if c.required and c.status == "missing"]
+    if failed:
+        print(f"\n{len(failed)} required part(s) missing: {', '.join(c.component for c in failed)}")
+        return 1
+    print("\nall required parts are usable")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("doctor", help="check which parts of edgefl can run here")
+    p.add_argument(
+        "--role",
+        choices=("edge", "cloud"),
+        default="cloud",
+        help="what this machine will run (default: cloud)",
+    )
+    p.add_argument(
+        "--data-dir", default=".", help="where edgefl will keep its data (for the disk check)"
+    )
+    p.set_defaults(func=doctor)

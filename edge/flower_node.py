@@ -1,0 +1,259 @@
+"""Flower processes: the SuperLink (cloud) and a SuperNode (device), Flower 1.42.
+
+Both are started as child processes with the flags measured in DESIGN.md: one HTTP
+port for the SuperLink's Fleet/Control/Runtime APIs, a distinct runtime port per
+SuperNode, a private ``FLWR_HOME`` per process tree, telemetry off, and no runtime
+``uv sync`` (which fails offline).
+
+This module lives in ``edge`` because a device runs the SuperNode; the cloud imports
+it for the SuperLink. It imports nothing from Flower itself: it only runs the CLIs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge.process import ManagedProcess, ProcessError, free_port, tool_env
+
+logger = logging.getLogger(__name__)
+
+
+class FlowerError(RuntimeError):
+    """A Flower process did not start, or a Flower CLI call failed."""
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def write_flwr_config(
+    flwr_home: Path,
+    *,
+    address: str,
+    name: str = "edgefl",
+    root_certificates: Path | None = None,
+) -> Path:
+    """Write ``$FLWR_HOME/config.toml`` naming one SuperLink connection ``name``."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[superlink]",
+        f'default = "{name}"',
+        "",
+        f"[superlink.{name}]",
+        f'address = "{address}"',
+    ]
+    if root_certificates is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{root_certificates}"')
+    path = flwr_home / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class SuperLinkTLS:
+    certfile: Path
+    keyfile: Path
+    ca_certfile: Path
+
+
+@dataclass
+class SuperLink:
+    """A Flower SuperLink on ``host:port`` with its state in ``data_dir``."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = field(default_factory=free_port)
+    tls: SuperLinkTLS | None = None
+    enable_supernode_auth: bool = False
+    persistent_state: bool = True
+    process: ManagedProcess | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.data_dir / "flwr-home"
+
+    def env(self) -> dict[str, str]:
+        return {"FLWR_HOME": str(self.flwr_home), "FLWR_TELEMETRY_ENABLED": "0"}
+
+    def argv(self) -> list[str]:
+        argv = [
+            _bin("flower-superlink"),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",
+        ]
+        if self.persistent_state:
+            argv += ["--database", str(self.data_dir / "superlink-state.db")]
+        if self.tls is None:
+            argv.append("--insecure")
+        else:
+            argv += [
+                "--ssl-certfile",
+                str(self.tls.certfile),
+                "--ssl-keyfile",
+                str(self.tls.keyfile),
+                "--ssl-ca-certfile",
+                str(self.tls.ca_certfile),
+            ]
+        if self.enable_supernode_auth:
+            if self.tls is None:
+                raise FlowerError("SuperNode authentication requires TLS on the SuperLink")
+            argv.append("--enable-supernode-auth")
+        return argv
+
+    def start(self, *, timeout: float = 60.0) -> SuperLink:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        write_flwr_config(
+            self.flwr_home,
+            address=self.address,
+            root_certificates=None if self.tls is None else self.tls.ca_certfile,
+        )
+        self.process = ManagedProcess(
+            "flower-superlink",
+            self.argv(),
+            log_path=self.data_dir / "superlink.log",
+            env=self.env(),
+        ).start()
+        try:
+            self.process.wait_for_port(self.host, self.port, timeout=timeout)
+        except ProcessError as exc:
+            self.process.stop()
+            raise FlowerError(str(exc)) from exc
+        logger.info("Flower SuperLink on %s (pid %d)", self.address, self.process.pid)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """Run the ``flwr`` CLI against this SuperLink (its private FLWR_HOME)."""
+        return subprocess.run(
+            [_bin("flwr"), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=tool_env(self.env()),
+        )
+
+    def nodes(self) -> list[dict[str, object]]:
+        """The SuperNodes the SuperLink knows, as ``flwr supernode list`` reports them."""
+        res = self.flwr("supernode", "list", "edgefl", "--format", "json")
+        try:
+            doc = json.loads(res.stdout)
+        except ValueError as exc:
+            raise FlowerError(
+                f"flwr supernode list: {res.stdout[-500:]} {res.stderr[-500:]}"
+            ) from exc
+        if not doc.get("success"):
+            raise FlowerError(f"flwr supernode list failed: {doc.get('error-message', doc)}")
+        return list(doc.get("nodes", []))
+
+    def online_node_ids(self) -> list[str]:
+        return [str(n["node-id"]) for n in self.nodes() if n.get("status") == "online"]
+
+    def register_supernode(self, public_key: Path) -> str:
+        """``flwr supernode register``: allow a SuperNode key (needs node auth enabled)."""
+        res = self.flwr("supernode", "register", str(public_key), "edgefl", "--format", "json")
+        try:
+            doc = json.loads(res.stdout)
+        except ValueError as exc:
+            raise FlowerError(f"flwr supernode register: {res.stdout} {res.stderr}") from exc
+        if not doc.get("success"):
+            raise FlowerError(f"flwr supernode register failed: {doc.get('error-message', doc)}")
+        return str(doc.get("node-id", ""))
+
+    def __enter__(self) -> SuperLink:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class SuperNode:
+    """A Flower SuperNode connected to ``superlink`` (``host:port``)."""
+
+    superlink: str
+    data_dir: Path
+    node_config: dict[str, str | int | float] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = field(default_factory=free_port)
+    root_certificates: Path | None = None
+    auth_private_key: Path | None = None
+    max_wait_time: float | None = None
+    process: ManagedProcess | None = None
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.data_dir / "flwr-home"
+
+    def node_config_arg(self) -> str:
+        parts = []
+        for key, value in self.node_config.items():
+            if isinstance(value, str):
+                parts.append(f"{key}={json.dumps(value)}")
+            else:
+                parts.append(f"{key}={value}")
+        return " ".join(parts)
+
+    def argv(self) -> list[str]:
+        argv = [
+            _bin("flower-supernode"),
+            "--superlink",
+            self.superlink,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+        ]
+        if self.root_certificates is None:
+            argv.append("--insecure")
+        else:
+            argv += ["--root-certificates", str(self.root_certificates)]
+        if self.auth_private_key is not None:
+            argv += ["--auth-supernode-private-key", str(self.auth_private_key)]
+        if self.node_config:
+            argv += ["--node-config", self.node_config_arg()]
+        if self.max_wait_time is not None:
+            argv += ["--max-wait-time", str(self.max_wait_time)]
+        return argv
+
+    def start(self, *, timeout: float = 60.0) -> SuperNode:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        self.process = ManagedProcess(
+            "flower-supernode",
+            self.argv(),
+            log_path=self.data_dir / "supernode.log",
+            env={"FLWR_HOME": str(self.flwr_home), "FLWR_TELEMETRY_ENABLED": "0"},
+        ).start()
+        try:
+            self.process.wait_for_port(self.host, self.port, timeout=timeout)
+        except ProcessError as exc:
+            self.process.stop()
+            raise FlowerError(str(exc)) from exc
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def __enter__(self) -> SuperNode:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
