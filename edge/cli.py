@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -67,10 +68,17 @@ def configure_logging(verbosity: int) -> None:
     )
 
 
+def _raise_interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
+    # SIGTERM (systemd, kill, CI) unwinds like Ctrl-C so that every `finally` runs and
+    # the children we started are stopped by PID.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

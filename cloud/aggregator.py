@@ -1,0 +1,288 @@
+"""The federated run: rounds driven through Flower's Grid, every global model released.
+
+This is what the Flower ServerApp (:mod:`cloud.serverapp`) executes. It drives a
+strategy from ``flwr.serverapp.strategy`` round by round itself, instead of calling
+``Strategy.start``, because it needs things ``start`` does not offer:
+
+* **never hang**: a round waits at most ``wait_for_nodes_s`` for devices, samples only
+  devices that are connected, and gives up on replies after ``round_timeout_s``
+  (Flower's own sampling waits forever for ``min_available_nodes``);
+* **resume**: a restarted cloud continues the unfinished run from the newest stored
+  version instead of starting over, and never registers a round twice;
+* **bookkeeping**: who was sampled, who replied, who timed out, per-device metrics;
+* **release**: after every round the new global model is registered and pushed to the
+  whole fleet over MQTT (:mod:`cloud.releases`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Strategy
+
+from cloud.config import CloudSettings
+from cloud.publisher import Publisher
+from cloud.registry import Registry
+from cloud.releases import release_weights
+from edge.clientapp import arrays_to_record, record_to_arrays
+
+logger = logging.getLogger(__name__)
+
+#: Seconds to wait for devices to say who they are (QUERY messages).
+IDENTIFY_TIMEOUT_S = 20.0
+
+
+def make_strategy(settings: CloudSettings) -> Strategy:
+    run = settings.run
+    common: dict[str, Any] = dict(
+        fraction_train=run.fraction_train,
+        fraction_evaluate=0.0,  # the cloud evaluates the global model itself
+        min_train_nodes=run.min_nodes,
+        min_evaluate_nodes=0,
+        min_available_nodes=run.min_nodes,
+    )
+    if run.strategy == "fedavg":
+        return FedAvg(**common)
+    if run.strategy == "fedprox":
+        return FedProx(**common, proximal_mu=run.proximal_mu)
+    if run.strategy == "fedadam":
+        return FedAdam(**common, eta=run.server_learning_rate, eta_l=run.learning_rate)
+    if run.strategy == "fedmedian":
+        return FedMedian(**common)
+    raise ValueError(f"unknown strategy {run.strategy!r}")
+
+
+class Evaluator:
+    """Evaluates a global model on held-out digits with LiteRT (the cloud's own check)."""
+
+    def __init__(self, settings: CloudSettings) -> None:
+        from edge.litert_model import LiteRTModel
+
+        self.model = LiteRTModel.load(settings.model.dir)
+        self.data = None
+        if settings.run.evaluation == "digits":
+            from devices.datasets import load_digits
+
+            layout = "image" if len(self.model.input_shape) == 3 else "flat"
+            self.data = load_digits(layout=layout, seed=settings.run.seed).test  # type: ignore[arg-type]
+
+    def initial_weights(self) -> dict[str, np.ndarray]:
+        return self.model.get_weights()
+
+    def __call__(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
+        if self.data is None:
+            return {}
+        self.model.set_weights(weights)
+        result = self.model.evaluate(self.data.x, self.data.y)
+        return {"eval-loss": float(result["loss"]), "eval-accuracy": float(result["accuracy"])}
+
+
+@dataclass
+class RoundOutcome:
+    round: int
+    version: int | None
+    replied: list[str]
+    dropped: list[str]
+    metrics: dict[str, float]
+
+
+class Aggregator:
+    """Runs (or resumes) one federated run for ``settings`` on a Flower ``grid``."""
+
+    def __init__(
+        self,
+        settings: CloudSettings,
+        registry: Registry,
+        publisher: Publisher,
+        *,
+        num_rounds: int | None = None,
+        flower_run_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.publisher = publisher
+        self.num_rounds = num_rounds or settings.run.num_rounds
+        self.flower_run_id = flower_run_id
+        self.strategy = make_strategy(settings)
+        self.evaluate = Evaluator(settings)
+        self.names: dict[int, str] = {}
+
+    # -- run set-up --------------------------------------------------------------------------
+
+    def _resume_point(self) -> tuple[int, int, dict[str, np.ndarray], int | None]:
+        """(run id, first round to run, weights to start from, parent version)."""
+        latest = self.registry.latest_version()
+        run = self.registry.latest_run()
+        if run is not None and run.status == "running" and latest is not None and latest.run_id == run.id:
+            weights = self._weights_of(latest.version)
+            logger.info("resuming run %d after round %d (version %d)", run.id, latest.round, latest.version)
+            return run.id, latest.round + 1, weights, latest.version
+        if run is not None and run.status == "running":
+            # A run that never released a version: close it, start afresh.
+            self.registry.finish_run(run.id, "failed")
+        run_id = self.registry.start_run(
+            num_rounds=self.num_rounds,
+            strategy=self.settings.run.strategy,
+            config={
+                "fraction_train": self.settings.run.fraction_train,
+                "min_nodes": self.settings.run.min_nodes,
+                "round_timeout_s": self.settings.run.round_timeout_s,
+                "local_epochs": self.settings.run.local_epochs,
+                "learning_rate": self.settings.run.learning_rate,
+            },
+            flower_run_id=self.flower_run_id,
+        )
+        if latest is not None:
+            # A new run continues from the newest global model of the fleet.
+            return run_id, 1, self._weights_of(latest.version), latest.version
+        weights = self.evaluate.initial_weights()
+        metrics = self.evaluate(weights)
+        self.registry.record_evaluation(run_id, 0, metrics)
+        initial = release_weights(
+            registry=self.registry,
+            publisher=self.publisher,
+            model_dir=self.settings.model.dir,
+            weights=weights,
+            round=0,
+            run_id=run_id,
+            parent_version=None,
+            metrics=metrics,
+        )
+        return run_id, 1, weights, initial.version
+
+    def _weights_of(self, version: int) -> dict[str, np.ndarray]:
+        from protos import codec
+
+        return dict(codec.package_from_bytes(self.registry.version_bytes(version)).weights)
+
+    # -- devices ---------------------------------------------------------------------------
+
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.settings.run.wait_for_nodes_s
+        nodes = list(grid.get_node_ids())
+        while len(nodes) < self.settings.run.min_nodes and time.monotonic() < deadline:
+            time.sleep(1.0)
+            nodes = list(grid.get_node_ids())
+        return nodes
+
+    def _identify(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        unknown = [n for n in node_ids if n not in self.names]
+        if not unknown:
+            return
+        messages = [
+            Message(content=RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY, dst_node_id=n)
+            for n in unknown
+        ]
+        for reply in grid.send_and_receive(messages, timeout=IDENTIFY_TIMEOUT_S):
+            self._learn_name(reply)
+
+    def _learn_name(self, reply: Message) -> str:
+        node = reply.metadata.src_node_id
+        if not reply.has_error() and "device" in reply.content:
+            name = str(reply.content["device"].get("device-id", "")) or f"node-{node}"
+            self.names[node] = name
+        return self.name(node)
+
+    def name(self, node_id: int) -> str:
+        return self.names.get(node_id, f"node-{node_id}")
+
+    # -- rounds ----------------------------------------------------------------------------
+
+    def run(self, grid: Grid) -> list[RoundOutcome]:
+        run_id, first, weights, parent = self._resume_point()
+        outcomes: list[RoundOutcome] = []
+        try:
+            for rnd in range(first, self.num_rounds + 1):
+                outcome = self._round(grid, run_id, rnd, weights, parent)
+                outcomes.append(outcome)
+                if outcome.version is not None:
+                    weights = self._weights_of(outcome.version)
+                    parent = outcome.version
+        except BaseException:
+            self.registry.finish_run(run_id, "failed")
+            raise
+        self.registry.finish_run(run_id, "completed")
+        return outcomes
+
+    def _round(
+        self, grid: Grid, run_id: int, rnd: int, weights: dict[str, np.ndarray], parent: int | None
+    ) -> RoundOutcome:
+        run = self.settings.run
+        nodes = self._wait_for_nodes(grid)
+        if not nodes:
+            logger.warning("round %d: no device connected after %.0fs; skipping", rnd, run.wait_for_nodes_s)
+            self.registry.round_started(run_id, rnd, sampled=[])
+            self.registry.round_finished(run_id, rnd, aggregated_metrics={}, version=None, dropped=[])
+            return RoundOutcome(rnd, None, [], [], {})
+        self._identify(grid, nodes)
+        # Sample only among connected devices, never waiting for more than are there.
+        self.strategy.min_train_nodes = min(run.min_nodes, len(nodes))  # type: ignore[attr-defined]
+        self.strategy.min_available_nodes = min(run.min_nodes, len(nodes))  # type: ignore[attr-defined]
+        config = ConfigRecord(
+            {"local-epochs": run.local_epochs, "learning-rate": run.learning_rate, "seed": run.seed + rnd}
+        )
+        messages = list(self.strategy.configure_train(rnd, arrays_to_record(weights), config, grid))
+        sampled = {m.metadata.dst_node_id for m in messages}
+        self.registry.round_started(run_id, rnd, sampled=[self.name(n) for n in sampled])
+        logger.info("round %d/%d: %d of %d devices sampled", rnd, self.num_rounds, len(sampled), len(nodes))
+
+        replies = list(grid.send_and_receive(messages, timeout=run.round_timeout_s))
+        good: list[Message] = []
+        for reply in replies:
+            device = self._learn_name(reply)
+            if reply.has_error():
+                self.registry.round_reply(run_id, rnd, device, ok=False, error=str(reply.error.reason)[:500])
+                continue
+            metrics = {k: float(v) for k, v in reply.content["metrics"].items() if k != "num-examples"}  # type: ignore[arg-type]
+            num_examples = int(reply.content["metrics"]["num-examples"])  # type: ignore[arg-type]
+            self.registry.round_reply(run_id, rnd, device, ok=True, num_examples=num_examples, metrics=metrics)
+            good.append(reply)
+        answered = {r.metadata.src_node_id for r in replies}
+        dropped = sorted(self.name(n) for n in sampled - answered)
+        replied = sorted(self.name(r.metadata.src_node_id) for r in good)
+        if dropped:
+            logger.warning("round %d: no reply within %.0fs from %s", rnd, run.round_timeout_s, ", ".join(dropped))
+
+        agg_arrays: ArrayRecord | None = None
+        agg_metrics: MetricRecord | None = None
+        if good:
+            try:
+                agg_arrays, agg_metrics = self.strategy.aggregate_train(rnd, good)
+            except Exception as exc:  # inconsistent replies: record, keep the old model
+                logger.error("round %d: aggregation failed: %s", rnd, exc)
+        if agg_arrays is None:
+            self.registry.round_finished(run_id, rnd, aggregated_metrics={}, version=None, dropped=dropped)
+            return RoundOutcome(rnd, None, replied, dropped, {})
+
+        new_weights = record_to_arrays(agg_arrays)
+        metrics = {k: float(v) for k, v in (agg_metrics or {}).items() if isinstance(v, int | float)}
+        metrics.update(self.evaluate(new_weights))
+        self.registry.record_evaluation(run_id, rnd, {k: v for k, v in metrics.items() if k.startswith("eval-")})
+        version = release_weights(
+            registry=self.registry,
+            publisher=self.publisher,
+            model_dir=self.settings.model.dir,
+            weights=new_weights,
+            round=rnd,
+            run_id=run_id,
+            parent_version=parent,
+            metrics=metrics,
+            participants=replied,
+        )
+        self.registry.round_finished(run_id, rnd, aggregated_metrics=metrics, version=version.version, dropped=dropped)
+        logger.info(
+            "round %d/%d: version %d released; accuracy %.3f",
+            rnd,
+            self.num_rounds,
+            version.version,
+            metrics.get("eval-accuracy", float("nan")),
+        )
+        return RoundOutcome(rnd, version.version, replied, dropped, metrics)

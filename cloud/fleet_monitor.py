@@ -1,0 +1,248 @@
+"""Watch a fleet over MQTT: every device's status and events, decoded.
+
+:class:`FleetMonitor` subscribes to ``topics.all_device_status_filter`` and
+``topics.all_device_event_filter``, decodes payloads with :mod:`protos.codec` and hands
+them to the callbacks (the device registry and the UI wire themselves in there). It also
+keeps the latest status per device and recent events, so tests and the demo can wait
+for the fleet to converge (:meth:`FleetMonitor.wait_for_fleet_version`).
+
+Malformed payloads (anyone who may publish on the broker can send them) are logged and
+dropped; a callback that raises is logged and does not stop the monitor.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import TypeVar
+
+import paho.mqtt.client as mqtt
+
+from edge.mqtt_util import (
+    DEFAULT_RECONNECT_MAX_S,
+    DEFAULT_RECONNECT_MIN_S,
+    Endpoint,
+    MqttConnection,
+    make_client,
+    unique_client_id,
+)
+from protos import codec, topics
+from protos.errors import CodecError
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: How many recent events the monitor keeps in memory.
+EVENT_HISTORY = 1000
+
+
+class FleetTimeout(TimeoutError):
+    """The fleet did not reach the awaited state in time."""
+
+
+def _ignore(_value: object) -> None:
+    return None
+
+
+class FleetMonitor:
+    """Subscribes to every device's status and events in one fleet."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        fleet: str,
+        on_status: Callable[[codec.DeviceStatus], None] = _ignore,
+        on_event: Callable[[codec.DeviceEvent], None] = _ignore,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
+        client_id: str | None = None,
+        reconnect_min_s: float = DEFAULT_RECONNECT_MIN_S,
+        reconnect_max_s: float = DEFAULT_RECONNECT_MAX_S,
+    ) -> None:
+        self.fleet = topics.check_name(fleet, what="fleet")
+        self._on_status = on_status
+        self._on_event = on_event
+        endpoint = Endpoint(
+            host=host, port=port, username=username, password=password, ca_file=ca_file
+        )
+        self._client = make_client(
+            endpoint, client_id or unique_client_id(f"edgefl-monitor-{fleet}")
+        )
+        self._client.on_message = self._on_message
+        self._conn = MqttConnection(
+            self._client,
+            endpoint,
+            on_connected=self._subscribe,
+            reconnect_min_s=reconnect_min_s,
+            reconnect_max_s=reconnect_max_s,
+            name=f"monitor[{fleet}]",
+        )
+        self._cond = threading.Condition()
+        self._statuses: dict[str, codec.DeviceStatus] = {}
+        self._events: collections.deque[codec.DeviceEvent] = collections.deque(maxlen=EVENT_HISTORY)
+        self.malformed = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self, *, wait_s: float | None = 10.0) -> FleetMonitor:
+        """Connect in the background; with ``wait_s``, wait that long for the first CONNACK."""
+        self._conn.start()
+        if wait_s is not None and not self._conn.wait_connected(wait_s):
+            logger.warning("fleet monitor not connected after %.0f s; still trying", wait_s)
+        return self
+
+    def stop(self) -> None:
+        self._conn.stop()
+
+    def __enter__(self) -> FleetMonitor:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- network thread ------------------------------------------------------------------
+
+    def _subscribe(self, _session_present: bool) -> None:
+        self._client.subscribe(
+            [
+                (topics.all_device_status_filter(self.fleet), 1),
+                (topics.all_device_event_filter(self.fleet), 1),
+            ]
+        )
+
+    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        payload = bytes(msg.payload)
+        try:
+            parsed = topics.parse(msg.topic)
+        except topics.TopicError as exc:
+            logger.warning("ignoring message on %r: %s", msg.topic, exc)
+            return
+        if not payload:
+            logger.debug("ignoring empty payload on %s", msg.topic)
+            return
+        try:
+            if parsed.kind == "status":
+                status = codec.status_from_bytes(payload)
+                self._check_sender(parsed.device, status.device_id, msg.topic)
+                with self._cond:
+                    self._statuses[status.device_id] = status
+                    self._cond.notify_all()
+                self._deliver(self._on_status, status)
+            elif parsed.kind == "event":
+                event = codec.event_from_bytes(payload)
+                self._check_sender(parsed.device, event.device_id, msg.topic)
+                with self._cond:
+                    self._events.append(event)
+                    self._cond.notify_all()
+                self._deliver(self._on_event, event)
+        except CodecError as exc:
+            self.malformed += 1
+            logger.warning("malformed payload on %s: %s", msg.topic, exc)
+            logger.debug("payload on %s: %r", msg.topic, payload)
+
+    @staticmethod
+    def _check_sender(topic_device: str, claimed: str, topic: str) -> None:
+        if topic_device != claimed:
+            raise CodecError(f"device id {claimed!r} in the payload differs from the topic {topic}")
+
+    @staticmethod
+    def _deliver(callback: Callable[[_T], None], value: _T) -> None:
+        try:
+            callback(value)
+        except Exception:
+            logger.exception("fleet monitor callback %r failed", callback)
+
+    # -- queries -------------------------------------------------------------------------
+
+    def statuses(self) -> dict[str, codec.DeviceStatus]:
+        """The latest status of every device seen so far."""
+        with self._cond:
+            return dict(self._statuses)
+
+    def events(self) -> list[codec.DeviceEvent]:
+        """The most recent events (oldest first)."""
+        with self._cond:
+            return list(self._events)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        """Wait until ``predicate()`` (called with the monitor's lock held) is true."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise FleetTimeout(f"{what} not reached within {timeout:.0f} s")
+                self._cond.wait(remaining)
+
+    def wait_for_fleet_version(
+        self, version: int, device_ids: Iterable[str], timeout: float
+    ) -> dict[str, codec.DeviceStatus]:
+        """Return once every listed device reports serving ``version`` (and is not OFFLINE).
+
+        Raises :class:`FleetTimeout` naming the devices that did not get there.
+        """
+        wanted = list(device_ids)
+
+        def lagging() -> list[str]:
+            return [
+                d
+                for d in wanted
+                if (s := self._statuses.get(d)) is None
+                or s.serving_version != version
+                or s.state == "OFFLINE"
+            ]
+
+        try:
+            self.wait_for(lambda: not lagging(), timeout, f"version {version} on {wanted}")
+        except FleetTimeout as exc:
+            with self._cond:
+                seen = {
+                    d: (s.serving_version, s.state) if (s := self._statuses.get(d)) else None
+                    for d in lagging()
+                }
+            raise FleetTimeout(f"{exc}; lagging (version, state): {seen}") from None
+        with self._cond:
+            return {d: self._statuses[d] for d in wanted}
+
+    def wait_for_event(
+        self, predicate: Callable[[codec.DeviceEvent], bool], timeout: float
+    ) -> codec.DeviceEvent:
+        """The first kept event matching ``predicate``, waiting up to ``timeout`` for it."""
+        found: list[codec.DeviceEvent] = []
+
+        def match() -> bool:
+            found[:] = [e for e in self._events if predicate(e)][:1]
+            return bool(found)
+
+        try:
+            self.wait_for(match, timeout, "a matching device event")
+        except FleetTimeout as exc:
+            recent = [(e.device_id, e.kind, e.detail[:80]) for e in list(self._events)[-10:]]
+            raise FleetTimeout(f"{exc}; recent events: {recent}") from None
+        return found[0]
+
+    def wait_for_status(
+        self, device_id: str, predicate: Callable[[codec.DeviceStatus], bool], timeout: float
+    ) -> codec.DeviceStatus:
+        """The latest status of ``device_id`` once it satisfies ``predicate``."""
+
+        def match() -> bool:
+            s = self._statuses.get(device_id)
+            return s is not None and predicate(s)
+
+        self.wait_for(match, timeout, f"status of {device_id}")
+        with self._cond:
+            return self._statuses[device_id]

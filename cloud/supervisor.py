@@ -1,0 +1,400 @@
+"""``edgefl cloud up``: the broker, the SuperLink, the registry, the UI and the run.
+
+One :class:`CloudStack` starts everything the aggregator needs, in order, writes the
+ports it picked to ``data_dir`` (``broker/port``, ``superlink.port``, ``web.url``) and
+a resolved settings file (``runtime.toml``) that the ServerApp reads, submits the
+federated run to the SuperLink, and stops everything again, children by PID.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from cloud import config as cloud_config
+from cloud.broker import Broker, BrokerConfig
+from cloud.config import CloudSettings
+from edge.flower_node import FlowerError, SuperLink, SuperLinkTLS
+from edge.process import free_port
+
+logger = logging.getLogger(__name__)
+
+APP_DIR = Path(__file__).resolve().parent / "flower_app"
+
+
+class CloudError(RuntimeError):
+    """The cloud stack could not start or a run could not be submitted."""
+
+
+def read_token(settings: CloudSettings) -> str | None:
+    path = settings.web.operator_token_file
+    if path is None or not Path(path).exists():
+        return None
+    return Path(path).read_text().strip() or None
+
+
+class CloudActions:
+    """What the UI's write buttons do (wired into :func:`cloud.web.app.create_app`)."""
+
+    def __init__(self, stack: CloudStack) -> None:
+        self.stack = stack
+
+    def pin(self, version: int) -> str | None:
+        from cloud.releases import pin_version
+
+        manifest = pin_version(self.stack.runtime_settings, self.stack.registry, version)
+        return f"version {version} pinned (sequence {manifest.sequence})"
+
+    def start_run(self) -> str | None:
+        run_id = self.stack.submit_run()
+        return f"run {run_id} submitted"
+
+    def stop_run(self) -> str | None:
+        self.stack.stop_run()
+        return "run stopped"
+
+
+class CloudStack:
+    def __init__(self, settings: CloudSettings, *, num_rounds: int | None = None) -> None:
+        self.settings = settings
+        self.num_rounds = num_rounds
+        self.broker: Broker | None = None
+        self.superlink: SuperLink | None = None
+        self.web: Any = None
+        self.monitor: Any = None
+        self.registry: Any = None
+        self.flower_run_id: str | None = None
+        self.runtime_settings = settings
+        self._lock = threading.Lock()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.data_dir
+
+    # -- start -----------------------------------------------------------------------------
+
+    def start(self) -> CloudStack:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        from cloud.registry import Registry
+
+        s = self.settings
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        broker_port = s.broker.port or free_port(s.broker.host)
+        if s.broker.managed:
+            self.broker = Broker(
+                BrokerConfig(
+                    port=broker_port,
+                    host=s.broker.host,
+                    data_dir=self.data_dir / "broker",
+                    allow_anonymous=s.broker.broker_password_file is None,
+                    password_file=s.broker.broker_password_file,
+                    acl_file=s.broker.acl_file,
+                    cafile=s.broker.ca_file,
+                    certfile=s.broker.certfile,
+                    keyfile=s.broker.keyfile,
+                )
+            ).start()
+            from devices.secure_fleet import broker_pid_file
+
+            broker_pid_file(self.data_dir).write_text(str(self.broker.process.pid))  # type: ignore[union-attr]
+        (self.data_dir / "broker").mkdir(exist_ok=True)
+        (self.data_dir / "broker" / "port").write_text(str(broker_port))
+
+        tls = None
+        if s.superlink.certfile is not None:
+            tls = SuperLinkTLS(s.superlink.certfile, s.superlink.keyfile, s.superlink.ca_certfile)  # type: ignore[arg-type]
+        self.superlink = SuperLink(
+            data_dir=self.data_dir / "superlink",
+            host=s.superlink.host,
+            port=s.superlink.port or free_port(s.superlink.host),
+            tls=tls,
+            enable_supernode_auth=s.superlink.supernode_auth,
+        ).start()
+        (self.data_dir / "superlink.port").write_text(str(self.superlink.port))
+        if s.superlink.supernode_auth:
+            self._sync_supernodes()
+
+        self.runtime_settings = dataclasses.replace(
+            s,
+            broker=dataclasses.replace(s.broker, port=broker_port),
+            superlink=dataclasses.replace(s.superlink, port=self.superlink.port),
+        )
+        runtime = self.data_dir / "runtime.toml"
+        runtime.write_text(cloud_config.to_toml(self.runtime_settings))
+        self.runtime_path = runtime
+
+        self.registry = Registry(s.registry_url)
+        self._start_monitor(broker_port)
+        self._start_web()
+
+    def _sync_supernodes(self) -> None:
+        """Register keys of devices flashed (and unregister revoked ones) while we were down."""
+        from devices.secure_fleet import SecureFleet, sync_supernode_registrations, unregister_supernode
+
+        sf = SecureFleet.load(self.data_dir)
+        link = self.superlink
+        assert link is not None
+        changed = sync_supernode_registrations(
+            sf,
+            register=link.register_supernode,
+            unregister=lambda node_id: unregister_supernode(link, node_id),
+        )
+        if changed:
+            logger.info("SuperNode registrations brought up to date: %s", changed)
+
+    def _start_monitor(self, broker_port: int) -> None:
+        from cloud.fleet_monitor import FleetMonitor
+
+        s = self.settings
+        password = None
+        if s.broker.password_file is not None:
+            password = Path(s.broker.password_file).read_text().strip()
+        registry = self.registry
+
+        def on_status(status: Any) -> None:
+            try:
+                registry.upsert_device_status(status)
+            except Exception:
+                logger.exception("could not record the status of %s", status.device_id)
+
+        def on_event(event: Any) -> None:
+            try:
+                registry.record_event(event)
+            except Exception:
+                logger.exception("could not record an event of %s", event.device_id)
+
+        self.monitor = FleetMonitor(
+            host=s.broker.host,
+            port=broker_port,
+            fleet=s.cloud.fleet,
+            on_status=on_status,
+            on_event=on_event,
+            username=s.broker.username,
+            password=password,
+            ca_file=None if s.broker.ca_file is None else str(s.broker.ca_file),
+        ).start()
+
+    def _start_web(self) -> None:
+        from cloud.web.app import create_app
+        from cloud.web.server import WebServer
+
+        s = self.settings
+        app = create_app(
+            self.registry,
+            operator_token=read_token(s),
+            fleet=s.cloud.fleet,
+            actions=CloudActions(self),
+        )
+        self.web = WebServer(app, host=s.web.host, port=s.web.port)
+        url = self.web.start()
+        (self.data_dir / "web.url").write_text(url)
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def submit_run(self) -> str:
+        """Submit the edgefl Flower App to the SuperLink; returns Flower's run id."""
+        if self.superlink is None:
+            raise CloudError("the SuperLink is not running")
+        run_config = f'cloud-config="{self.runtime_path}"'
+        if self.num_rounds:
+            run_config += f" num-rounds={self.num_rounds}"
+        res = self.superlink.flwr(
+            "run", str(APP_DIR), "edgefl", "--run-config", run_config, "--format", "json", timeout=120
+        )
+        try:
+            doc = json.loads(res.stdout)
+        except ValueError as exc:
+            raise CloudError(f"flwr run failed: {res.stdout[-800:]} {res.stderr[-800:]}") from exc
+        if not doc.get("success"):
+            raise CloudError(f"flwr run failed: {doc.get('error-message', doc)}")
+        with self._lock:
+            self.flower_run_id = str(doc.get("run-id"))
+        logger.info("submitted Flower run %s", self.flower_run_id)
+        return self.flower_run_id
+
+    def run_status(self) -> str:
+        """Flower's status of the submitted run: pending, starting, running, finished:…"""
+        if self.superlink is None or self.flower_run_id is None:
+            return "none"
+        res = self.superlink.flwr("list", "--run-id", self.flower_run_id, "edgefl", "--format", "json")
+        try:
+            doc = json.loads(res.stdout)
+            runs = doc.get("runs", [])
+            return str(runs[0].get("status", "unknown")) if runs else "unknown"
+        except (ValueError, AttributeError, IndexError):
+            return "unknown"
+
+    def stop_run(self) -> None:
+        if self.superlink is not None and self.flower_run_id is not None:
+            self.superlink.flwr("stop", self.flower_run_id, "edgefl", "--format", "json")
+
+    def wait_for_run(self, *, timeout: float | None = None, on_progress: Any = None) -> str:
+        """Poll until the Flower run finishes; returns its final status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        status = self.run_status()
+        while not status.startswith("finished"):
+            if deadline is not None and time.monotonic() > deadline:
+                raise CloudError(f"run {self.flower_run_id} still {status} after {timeout:.0f}s")
+            if self.superlink is not None and not self.superlink.process.alive():  # type: ignore[union-attr]
+                raise CloudError(f"the SuperLink died:\n{self.superlink.process.log_tail()}")  # type: ignore[union-attr]
+            if on_progress is not None:
+                on_progress()
+            time.sleep(2.0)
+            status = self.run_status()
+        return status
+
+    # -- stop ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        for name, part in (("web", self.web), ("monitor", self.monitor)):
+            if part is not None:
+                try:
+                    part.stop()
+                except Exception:
+                    logger.exception("stopping the %s failed", name)
+        if self.superlink is not None:
+            self.superlink.stop()
+        if self.broker is not None:
+            self.broker.stop()
+        if self.registry is not None:
+            self.registry.close()
+
+    def __enter__(self) -> CloudStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --- cloud init -------------------------------------------------------------------------
+
+
+def init_cloud(
+    directory: Path,
+    *,
+    fleet: str = cloud_config.DEFAULT_FLEET,
+    arch: str = "mlp",
+    secure: bool = False,
+    hosts: list[str] | None = None,
+    force: bool = False,
+    model_dir: Path | None = None,
+) -> Path:
+    """Create ``directory/cloud.toml`` and everything it points at; returns the file.
+
+    Keys are created with mode 0600. ``model_dir`` reuses an already built model
+    (model.tflite + card.json) instead of building one with TensorFlow.
+    """
+    import shutil
+
+    from protos import signing
+
+    directory = directory.resolve()
+    conf = directory / "cloud.toml"
+    if conf.exists() and not force:
+        raise CloudError(f"{conf} exists; pass --force to overwrite it (keys are kept)")
+    data = directory / "data"
+    settings = cloud_config.CloudSettings()
+    settings.cloud.data_dir = data
+    settings.cloud.fleet = fleet
+    settings.model.dir = data / "model"
+    settings.signing.private_key = data / "keys" / "signing.pem"
+    settings.signing.public_key = data / "keys" / "signing.pub"
+    settings.web.operator_token_file = data / "keys" / "operator-token"
+    settings.validate()
+
+    if not settings.signing.private_key.exists():
+        key = signing.generate_private_key()
+        signing.write_private_key(key, settings.signing.private_key)
+        signing.write_public_key(key.public_key(), settings.signing.public_key)
+    token_file = settings.web.operator_token_file
+    if not token_file.exists():
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32) + "\n")
+
+    if not (settings.model.dir / "card.json").exists():
+        if model_dir is not None:
+            settings.model.dir.mkdir(parents=True, exist_ok=True)
+            for name in ("model.tflite", "card.json"):
+                shutil.copyfile(model_dir / name, settings.model.dir / name)
+        else:
+            from cloud.authoring.build import build_model
+
+            input_shape = (8, 8, 1) if arch == "cnn" else (64,)
+            build_model(arch, input_shape, 10, out=settings.model.dir)  # type: ignore[arg-type]
+    write_initial_package(settings)
+
+    if secure:
+        apply_secure_fleet(settings, hosts or ["127.0.0.1", "localhost"])
+
+    directory.mkdir(parents=True, exist_ok=True)
+    conf.write_text(cloud_config.to_toml(settings))
+    return conf
+
+
+def apply_secure_fleet(settings: CloudSettings, hosts: list[str]) -> None:
+    """Make (or complete) the fleet PKI and point ``settings`` at it.
+
+    Devices carry the broker and SuperLink ports in their bundles, so a secure fleet
+    uses fixed ports instead of free ones.
+    """
+    from devices.secure_fleet import init_secure
+
+    sf = init_secure(
+        settings.data_dir,
+        fleet=settings.cloud.fleet,
+        hosts=hosts,
+        signing_private_key=settings.signing.private_key,
+        signing_public_key=settings.signing.public_key,
+    )
+    b = settings.broker
+    b.port = sf.broker_port
+    b.username = sf.cloud_username
+    b.password_file = sf.cloud_password_file
+    b.ca_file = sf.ca_cert
+    b.certfile = sf.broker_certfile
+    b.keyfile = sf.broker_keyfile
+    b.broker_password_file = sf.broker_password_file
+    b.acl_file = sf.acl_file
+    link = settings.superlink
+    link.port = sf.superlink_port
+    link.certfile = sf.superlink_certfile
+    link.keyfile = sf.superlink_keyfile
+    link.ca_certfile = sf.ca_cert
+    link.supernode_auth = True
+    if len(hosts) and hosts[0] not in ("127.0.0.1", "localhost"):
+        # Devices reach the cloud over the network: listen beyond loopback.
+        b.host = link.host = "0.0.0.0"
+
+
+def write_initial_package(settings: CloudSettings) -> Path:
+    """``data_dir/initial.pkg``: the untrained model, flashed onto new devices."""
+    from cloud.releases import package_weights
+    from edge.litert_model import LiteRTModel
+
+    model = LiteRTModel.load(settings.model.dir)
+    _, data = package_weights(settings.model.dir, model.get_weights())
+    path = settings.data_dir / "initial.pkg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
+
+
+__all__ = ["CloudActions", "CloudError", "CloudStack", "FlowerError", "init_cloud", "read_token"]

@@ -1,0 +1,272 @@
+"""Response models of the JSON API (they make the OpenAPI document precise).
+
+Each model mirrors a registry dataclass; the ``*_out`` functions convert. The web
+layer adds only derived values (``online``, round progress, spread per version).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from cloud.registry import Device, Event, ModelVersion, RoundRecord, Run, Serving
+
+
+class RunOut(BaseModel):
+    id: int
+    num_rounds: int = Field(description="Rounds the run was started with (N in 'Round n / N').")
+    strategy: str
+    config: dict[str, Any]
+    flower_run_id: str | None
+    status: str = Field(description="running, completed, failed or stopped.")
+    started_at: float = Field(description="Seconds since the Unix epoch.")
+    finished_at: float | None
+
+
+class SpreadOut(BaseModel):
+    serving: int = Field(description="Online devices serving this version.")
+    online: int = Field(description="Devices whose last status is not OFFLINE.")
+    total: int = Field(description="Every device that ever reported.")
+
+
+class ServingOut(BaseModel):
+    version: int
+    pinned: bool = Field(description="True when an operator pinned (or rolled back to) it.")
+    sequence: int
+    updated_at: float
+
+
+class VersionOut(BaseModel):
+    version: int
+    architecture_id: str
+    round: int
+    run_id: int | None
+    parent_version: int | None
+    metrics: dict[str, float]
+    participants: list[str]
+    sha256: str = Field(description="SHA-256 hex digest of the model package.")
+    size: int = Field(description="Package size in bytes.")
+    created_at: float
+    spread: SpreadOut
+    download_url: str
+
+
+class ModelsOut(BaseModel):
+    current: ServingOut | None
+    versions: list[VersionOut] = Field(description="Newest first.")
+
+
+class ReplyOut(BaseModel):
+    device_id: str
+    ok: bool
+    num_examples: int
+    metrics: dict[str, float]
+    error: str
+    received_at: float
+
+
+class RoundOut(BaseModel):
+    run_id: int
+    round: int
+    sampled: list[str]
+    replied: list[str] = Field(description="Devices that answered successfully.")
+    failed: list[str] = Field(description="Devices that answered with an error.")
+    dropped: list[str] = Field(description="Devices that timed out.")
+    pending: list[str] = Field(description="Devices not heard from yet.")
+    started_at: float | None
+    finished_at: float | None
+    duration: float | None = Field(description="Seconds; null while the round runs.")
+    aggregated_metrics: dict[str, float]
+    eval_metrics: dict[str, float] = Field(description="Server-side test metrics.")
+    version: int | None
+    replies: list[ReplyOut]
+
+
+class RoundsOut(BaseModel):
+    run: RunOut | None
+    rounds: list[RoundOut]
+
+
+class DeviceOut(BaseModel):
+    device_id: str
+    fleet: str
+    online: bool
+    state: str
+    serving_version: int
+    last_seen_ms: int = Field(description="Timestamp of the device's last status (ms).")
+    received_at: float
+    last_round_trained: int
+    sample_count: int
+    cpu_percent: float
+    rss_bytes: int
+    disk_free_bytes: int
+    memory_available_bytes: int
+    profile: str
+    last_error: str
+    last_metrics: dict[str, float]
+    edgefl_version: str
+
+
+class EventOut(BaseModel):
+    id: int
+    device_id: str
+    timestamp_ms: int
+    kind: str
+    detail: str
+    version: int
+
+
+class ProgressOut(BaseModel):
+    current: int = Field(description="n in 'Round n / N' (0 before the first round).")
+    total: int = Field(description="N in 'Round n / N'.")
+    finished: bool = Field(description="Whether round n has finished.")
+    sampled: list[str]
+    replied: list[str]
+    failed: list[str]
+    timed_out: list[str]
+    pending: list[str]
+    fraction: float = Field(description="Rounds done / N, between 0 and 1.")
+
+
+class LatestMetricsOut(BaseModel):
+    round: int
+    aggregated: dict[str, float]
+    evaluation: dict[str, float]
+
+
+class FleetCountOut(BaseModel):
+    online: int
+    total: int
+
+
+class OverviewOut(BaseModel):
+    fleet: str
+    change_token: int
+    run: RunOut | None
+    progress: ProgressOut | None
+    latest_metrics: LatestMetricsOut | None
+    newest_version: VersionOut | None
+    serving: ServingOut | None
+    devices: FleetCountOut
+
+
+class ActionOut(BaseModel):
+    ok: bool
+    message: str
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+def run_out(run: Run) -> RunOut:
+    return RunOut(
+        id=run.id,
+        num_rounds=run.num_rounds,
+        strategy=run.strategy,
+        config=run.config,
+        flower_run_id=run.flower_run_id,
+        status=run.status,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+    )
+
+
+def serving_out(serving: Serving | None) -> ServingOut | None:
+    if serving is None:
+        return None
+    return ServingOut(
+        version=serving.version,
+        pinned=serving.pinned,
+        sequence=serving.sequence,
+        updated_at=serving.updated_at,
+    )
+
+
+def spread_from_devices(version: int, devices: list[Device]) -> SpreadOut:
+    online = [d for d in devices if d.online]
+    return SpreadOut(
+        serving=sum(1 for d in online if d.serving_version == version),
+        online=len(online),
+        total=len(devices),
+    )
+
+
+def version_out(v: ModelVersion, devices: list[Device]) -> VersionOut:
+    return VersionOut(
+        version=v.version,
+        architecture_id=v.architecture_id,
+        round=v.round,
+        run_id=v.run_id,
+        parent_version=v.parent_version,
+        metrics=v.metrics,
+        participants=v.participants,
+        sha256=v.sha256,
+        size=v.size,
+        created_at=v.created_at,
+        spread=spread_from_devices(v.version, devices),
+        download_url=f"/api/models/{v.version}/download",
+    )
+
+
+def round_out(r: RoundRecord) -> RoundOut:
+    return RoundOut(
+        run_id=r.run_id,
+        round=r.round,
+        sampled=r.sampled,
+        replied=r.replied,
+        failed=r.failed,
+        dropped=r.dropped,
+        pending=r.pending,
+        started_at=r.started_at,
+        finished_at=r.finished_at,
+        duration=r.duration,
+        aggregated_metrics=r.aggregated_metrics,
+        eval_metrics=r.eval_metrics,
+        version=r.version,
+        replies=[
+            ReplyOut(
+                device_id=p.device_id,
+                ok=p.ok,
+                num_examples=p.num_examples,
+                metrics=p.metrics,
+                error=p.error,
+                received_at=p.received_at,
+            )
+            for p in r.replies
+        ],
+    )
+
+
+def device_out(d: Device) -> DeviceOut:
+    return DeviceOut(
+        device_id=d.device_id,
+        fleet=d.fleet,
+        online=d.online,
+        state=d.state,
+        serving_version=d.serving_version,
+        last_seen_ms=d.timestamp_ms,
+        received_at=d.received_at,
+        last_round_trained=d.last_round_trained,
+        sample_count=d.sample_count,
+        cpu_percent=d.cpu_percent,
+        rss_bytes=d.rss_bytes,
+        disk_free_bytes=d.disk_free_bytes,
+        memory_available_bytes=d.memory_available_bytes,
+        profile=d.profile,
+        last_error=d.last_error,
+        last_metrics=d.last_metrics,
+        edgefl_version=d.edgefl_version,
+    )
+
+
+def event_out(e: Event) -> EventOut:
+    return EventOut(
+        id=e.id,
+        device_id=e.device_id,
+        timestamp_ms=e.timestamp_ms,
+        kind=e.kind,
+        detail=e.detail,
+        version=e.version,
+    )

@@ -1,0 +1,177 @@
+"""Fleet emulation: N virtual devices on this machine, each a real ``edgefl edge up``.
+
+Every emulated device is a separate process tree (edge services + MQTT agent +
+Flower SuperNode) with its own data directory, its own ports and its own partition
+of the digits data (IID or Dirichlet non-IID, seeded). A device boots either from a
+flashed bundle (``edge.toml`` inside it) or from a configuration generated here for a
+plain loopback fleet.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from edge.process import ManagedProcess, ProcessError
+
+logger = logging.getLogger(__name__)
+
+_UP = re.compile(r"edgefl edge up: device (\S+) serving on (\S+)")
+START_TIMEOUT_S = 90.0
+
+
+@dataclass
+class FleetSpec:
+    """Where the emulated devices connect and what data they hold."""
+
+    fleet: str
+    broker_host: str
+    broker_port: int
+    superlink: str
+    signing_public_key: Path
+    initial_package: Path | None
+    card_json: str
+    scheme: Literal["iid", "dirichlet"] = "dirichlet"
+    alpha: float = 0.5
+    seed: int = 0
+    status_interval_s: float = 2.0
+    profile: str = "x86-64-gateway"
+
+
+def _toml_str(value: object) -> str:
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_device_config(spec: FleetSpec, name: str, root: Path) -> Path:
+    """A plain (loopback, no TLS) ``edge.toml`` for one emulated device."""
+    root.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[device]",
+        f"id = {_toml_str(name)}",
+        f"fleet = {_toml_str(spec.fleet)}",
+        f"profile = {_toml_str(spec.profile)}",
+        f"data_dir = {_toml_str(root / 'data')}",
+        "",
+        "[grpc]",
+        "port = 0",
+        "",
+        "[mqtt]",
+        f"host = {_toml_str(spec.broker_host)}",
+        f"port = {spec.broker_port}",
+        f"status_interval_s = {spec.status_interval_s}",
+        "",
+        "[trust]",
+        f"signing_public_key = {_toml_str(spec.signing_public_key)}",
+        "",
+        "[flower]",
+        f"superlink = {_toml_str(spec.superlink)}",
+        "",
+    ]
+    if spec.initial_package is not None:
+        lines += ["[model]", f"initial_package = {_toml_str(spec.initial_package)}", ""]
+    path = root / "edge.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def load_partitions(spec: FleetSpec, data_dirs: list[Path]) -> list[int]:
+    """Fill each device's local data store with its partition; returns sample counts."""
+    from devices.datasets import device_partitions, load_digits
+    from edge.local_data import LocalData, SampleSpec
+    from edge.model_card import ModelCard
+
+    card = ModelCard.from_json(spec.card_json)
+    layout: Literal["flat", "image"] = "flat" if len(card.input_shape) == 1 else "image"
+    dataset = load_digits(layout=layout, seed=spec.seed)
+    parts = device_partitions(
+        dataset, len(data_dirs), scheme=spec.scheme, alpha=spec.alpha, seed=spec.seed
+    )
+    counts = []
+    for part, data_dir in zip(parts, data_dirs, strict=True):
+        store = LocalData(data_dir / "samples", spec=SampleSpec(card.input_shape, card.classes))
+        store.clear()
+        counts.append(store.append(part.x, part.y).total)
+    return counts
+
+
+@dataclass
+class EmulatedDevice:
+    name: str
+    config: Path
+    process: ManagedProcess | None = None
+    address: str = ""
+
+    def start(self) -> EmulatedDevice:
+        log = self.config.parent / "logs" / "up.log"
+        offset = log.stat().st_size if log.exists() else 0
+        self.process = ManagedProcess(
+            f"device {self.name}",
+            [sys.executable, "-m", "edge.cli", "edge", "up", "--config", str(self.config)],
+            log_path=log,
+        ).start()
+
+        def ready() -> bool:
+            with open(log, "rb") as fh:
+                fh.seek(offset)
+                match = _UP.search(fh.read().decode(errors="replace"))
+            if match:
+                self.address = match.group(2)
+            return bool(match)
+
+        self.process.wait_until(ready, timeout=START_TIMEOUT_S, what="up")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop(timeout=20)
+
+    def kill(self) -> None:
+        """SIGKILL the device's whole process tree (power loss)."""
+        if self.process is not None:
+            self.process.stop(timeout=0.1)
+
+
+@dataclass
+class EmulatedFleet:
+    spec: FleetSpec
+    root: Path
+    count: int
+    devices: list[EmulatedDevice] = field(default_factory=list)
+    prefix: str = "dev"
+
+    def prepare(self) -> list[int]:
+        names = [f"{self.prefix}-{i + 1}" for i in range(self.count)]
+        self.devices = [
+            EmulatedDevice(name, write_device_config(self.spec, name, self.root / name))
+            for name in names
+        ]
+        return load_partitions(self.spec, [self.root / n / "data" for n in names])
+
+    def start(self) -> EmulatedFleet:
+        if not self.devices:
+            self.prepare()
+        try:
+            for device in self.devices:
+                device.start()
+                logger.info("device %s up (services on %s)", device.name, device.address)
+        except (ProcessError, OSError):
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for device in reversed(self.devices):
+            try:
+                device.stop()
+            except Exception:
+                logger.exception("stopping %s failed", device.name)
+
+    def __enter__(self) -> EmulatedFleet:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,671 @@
+"""Flash one device: make its identity and bundle, and enrol it with the cloud.
+
+``edgefl devices flash --profile P --name NAME --cloud HOST (--boot DIR | --out FILE)``
+writes a **bundle**, the directory ``edgefl/`` that a device boots from::
+
+    edgefl/README.md                 what to do with it (for the operator)
+    edgefl/edge.toml                 the device's settings (paths relative to the bundle)
+    edgefl/identity.json             device id, fleet, profile, key fingerprint
+    edgefl/secrets/mqtt.password     its own broker password            (mode 0600)
+    edgefl/secrets/supernode.key     its SuperNode ECDSA key (OpenSSH)  (mode 0600)
+    edgefl/supernode.pub             the matching public key
+    edgefl/trust/ca.pem              the fleet CA (broker + SuperLink certificates)
+    edgefl/trust/signing.pub         the fleet's model-signing key
+    edgefl/model/initial.pkg         the initial model package, when the cloud has one
+    edgefl/systemd/edgefl-edge.service
+    edgefl/cloud-init/user-data      #cloud-config: packages, user, runs provision.sh
+    edgefl/provision.sh              installs edgefl[edge] and the unit (idempotent)
+
+A boot partition is usually FAT, where file modes mean nothing: ``provision.sh``
+copies the bundle to ``/etc/edgefl`` (root:edgefl, secrets 0640) and deletes the
+secrets from the boot partition. Devices that do not train (profiles with
+``training.enabled = false``) get no SuperNode key and no ``[flower]`` section.
+
+Writes are atomic: into ``--boot DIR`` through a temporary directory renamed to
+``DIR/edgefl``; into ``--out FILE.tar.gz`` through a temporary file renamed over it.
+Secrets are created 0600 and stay 0600 inside the tarball. The cloud side
+(:mod:`devices.secure_fleet`) gets the device's password line, ACL block and registry
+record; nothing of another device changes. An existing identity is replaced only
+with ``force``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from devices import pki
+from devices.profiles import Profile, load_profile
+from devices.secure_fleet import (
+    ACTIVE,
+    FleetError,
+    SecureFleet,
+    enroll_device,
+    generate_password,
+    read_registry,
+    set_node_id,
+    undo_enrolment,
+)
+from protos import topics
+
+logger = logging.getLogger(__name__)
+
+#: Name of the bundle directory (on the boot partition and inside the tarball).
+BUNDLE_NAME = "edgefl"
+#: Where provision.sh installs the bundle on the device.
+INSTALL_DIR = "/etc/edgefl"
+#: The device's state directory (systemd StateDirectory).
+STATE_DIR = "/var/lib/edgefl"
+#: The virtualenv edgefl[edge] is installed into.
+VENV_DIR = "/opt/edgefl/venv"
+#: The systemd unit that runs the edge node (gRPC services, agent, SuperNode).
+SERVICE_NAME = "edgefl-edge.service"
+#: File in the cloud data directory holding the model package new devices start with.
+INITIAL_PACKAGE_NAME = "initial.pkg"
+#: First lines of files edgefl writes to a boot partition (to recognise its own).
+USER_DATA_MARKER = "# edgefl-managed"
+
+
+class FlashError(FleetError):
+    """A flash that cannot be done: existing identity, unknown host, bad output path."""
+
+
+@dataclass(frozen=True)
+class BundleFile:
+    """One file of a bundle: its bytes and mode."""
+
+    data: bytes
+    mode: int = 0o644
+
+
+@dataclass(frozen=True)
+class FlashResult:
+    """What :func:`flash` made."""
+
+    name: str
+    fleet: str
+    profile: str
+    #: The bundle directory (``--boot``) or the tarball (``--out``).
+    bundle: Path
+    #: Bundle-relative paths of every file written.
+    files: tuple[str, ...]
+    #: SuperLink node id of the device's key, when it was registered at flash time.
+    node_id: str | None = None
+    #: Whether a running broker was asked to reload its password and ACL files.
+    broker_reloaded: bool = False
+    #: Whether an older identity of the same name was replaced (``force``).
+    replaced: bool = False
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def resolve_cloud_data_dir(cloud_dir: Path) -> Path:
+    """The secure fleet's data directory from either that directory or one with cloud.toml."""
+    cloud_dir = Path(cloud_dir)
+    if (cloud_dir / "secure.json").exists():
+        return cloud_dir.resolve()
+    if (cloud_dir / "cloud.toml").exists():
+        from cloud.config import load
+
+        data_dir = load(cloud_dir / "cloud.toml").data_dir
+        if (data_dir / "secure.json").exists():
+            return data_dir
+        raise FlashError(
+            f"the cloud in {cloud_dir} is not a secure fleet: flashing needs "
+            "`edgefl cloud init --secure` (certificates, broker passwords and ACL)"
+        )
+    raise FlashError(
+        f"{cloud_dir} holds neither cloud.toml nor a secure fleet; pass --cloud-dir "
+        "(the directory of cloud.toml) or create one with `edgefl cloud init --secure`"
+    )
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _q(value: str) -> str:
+    """A TOML basic string."""
+    return json.dumps(value)
+
+
+# -- rendering ---------------------------------------------------------------------------
+
+
+def render_edge_toml(
+    *,
+    sf: SecureFleet,
+    profile: Profile,
+    name: str,
+    cloud_host: str,
+    has_model: bool,
+) -> str:
+    """The device's ``edge.toml``; relative paths resolve against the bundle directory."""
+    lines = [
+        f"# Generated by `edgefl devices flash` for device {name} (profile {profile.name}).",
+        "# Paths are relative to this file's directory. The secrets it names are mode 0600.",
+        "",
+        "[device]",
+        f"id = {_q(name)}",
+        f"fleet = {_q(sf.fleet)}",
+        f"profile = {_q(profile.name)}",
+        f"data_dir = {_q(STATE_DIR)}",
+        "",
+        "[grpc]",
+        'host = "127.0.0.1"',
+        f"port = {profile.ports.grpc}",
+        f"serving_threads = {profile.litert.serving_threads}",
+        "",
+        "[training]",
+        f"epochs = {profile.training.epochs}",
+        "",
+        "[data]",
+        f"capacity = {profile.data.cap_samples}",
+        "",
+        "[mqtt]",
+        f"host = {_q(cloud_host)}",
+        f"port = {sf.broker_port}",
+        f"username = {_q(name)}",
+        'password_file = "secrets/mqtt.password"',
+        'ca_file = "trust/ca.pem"',
+        "",
+        "[trust]",
+        'signing_public_key = "trust/signing.pub"',
+        "",
+    ]
+    if has_model:
+        lines += ["[model]", 'initial_package = "model/initial.pkg"', ""]
+    if profile.training.enabled:
+        lines += [
+            "[flower]",
+            f"superlink = {_q(_hostport(cloud_host, sf.superlink_port))}",
+            'root_certificates = "trust/ca.pem"',
+            'auth_private_key = "secrets/supernode.key"',
+            f"port = {profile.ports.supernode}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def render_service_unit(profile: Profile) -> str:
+    """``edgefl-edge.service``: the edge node under systemd, hardened."""
+    roles = (
+        "inference, training, model updates"
+        if profile.training.enabled
+        else "inference, model updates"
+    )
+    return f"""\
+# Generated by `edgefl devices flash` (profile {profile.name}).
+[Unit]
+Description=edgefl edge node ({roles})
+Documentation=file:{INSTALL_DIR}/README.md
+Wants=network-online.target
+After=network-online.target time-sync.target
+
+[Service]
+Type=simple
+User=edgefl
+Group=edgefl
+Environment=PYTHONUNBUFFERED=1
+Environment=FLWR_TELEMETRY_ENABLED=0
+Environment=FLWR_HOME={STATE_DIR}/flwr-home
+ExecStart={VENV_DIR}/bin/edgefl edge up --config {INSTALL_DIR}/edge.toml
+Restart=on-failure
+RestartSec=5
+TimeoutStopSec=30
+KillMode=mixed
+# Hardening: a read-only system except the state directory.
+StateDirectory=edgefl
+StateDirectoryMode=0700
+UMask=0077
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+SystemCallArchitectures=native
+CapabilityBoundingSet=
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def render_provision_script(profile: Profile, *, edgefl_requirement: str) -> str:
+    """``provision.sh``: install the bundle, the venv and the unit; run as root, idempotent."""
+    python = f"python{profile.os.python}"
+    return f"""\
+#!/bin/sh
+# Generated by `edgefl devices flash` (profile {profile.name}). Run as root; safe to re-run.
+# Installs this bundle to {INSTALL_DIR}, edgefl[edge] into {VENV_DIR}, and enables
+# {SERVICE_NAME}. cloud-init runs it at first boot; other images: run it by hand.
+set -eu
+BUNDLE=$(cd "$(dirname "$0")" && pwd)
+
+id edgefl >/dev/null 2>&1 || useradd --system --home-dir {STATE_DIR} --shell /usr/sbin/nologin edgefl
+
+# The boot partition is FAT (no file modes): copy the bundle where modes hold,
+# then remove the secrets from the boot partition.
+if [ -f "$BUNDLE/secrets/mqtt.password" ]; then
+    install -d -m 0750 -o root -g edgefl {INSTALL_DIR}
+    cp -R "$BUNDLE"/. {INSTALL_DIR}/
+    chown -R root:edgefl {INSTALL_DIR}
+    find {INSTALL_DIR} -type d -exec chmod 0750 {{}} +
+    find {INSTALL_DIR} -type f -exec chmod 0640 {{}} +
+    if [ "$BUNDLE" != "{INSTALL_DIR}" ]; then
+        rm -f "$BUNDLE"/secrets/*
+    fi
+fi
+install -d -m 0700 -o edgefl -g edgefl {STATE_DIR}
+
+if [ ! -x {VENV_DIR}/bin/edgefl ]; then
+    {python} -m venv {VENV_DIR}
+    {VENV_DIR}/bin/pip install --upgrade pip
+    if ls {INSTALL_DIR}/wheels/*.whl >/dev/null 2>&1; then
+        {VENV_DIR}/bin/pip install --find-links {INSTALL_DIR}/wheels '{edgefl_requirement}'
+    else
+        {VENV_DIR}/bin/pip install '{edgefl_requirement}'
+    fi
+fi
+
+install -m 0644 {INSTALL_DIR}/systemd/{SERVICE_NAME} /etc/systemd/system/{SERVICE_NAME}
+systemctl daemon-reload
+systemctl enable --now {SERVICE_NAME}
+"""
+
+
+def render_user_data(profile: Profile, *, name: str) -> str:
+    """cloud-init ``user-data``: packages, the ``edgefl`` user, then ``provision.sh``."""
+    bundle = f"{profile.os.boot_mount.rstrip('/')}/{BUNDLE_NAME}"
+    doc_lines = [
+        "#cloud-config",
+        f"{USER_DATA_MARKER}: written by `edgefl devices flash` for device {name}",
+        f"# (profile {profile.name}, image family {profile.os.image_family}).",
+        "users:",
+        "  - default",
+        "  - name: edgefl",
+        "    system: true",
+        "    lock_passwd: true",
+        "    no_create_home: true",
+        f"    homedir: {STATE_DIR}",
+        "    shell: /usr/sbin/nologin",
+        "package_update: true",
+    ]
+    if profile.os.apt_sources:
+        doc_lines += ["apt:", "  sources:"]
+        for i, source in enumerate(profile.os.apt_sources):
+            doc_lines += [f"    edgefl-{i}:", f"      source: {json.dumps(source)}"]
+    packages = ["ca-certificates", *profile.os.packages]
+    doc_lines.append("packages:")
+    doc_lines += [f"  - {json.dumps(p)}" for p in packages]
+    doc_lines += [
+        "runcmd:",
+        f"  - [sh, {json.dumps(bundle + '/provision.sh')}]",
+        "",
+    ]
+    return "\n".join(doc_lines)
+
+
+def render_readme(
+    *, sf: SecureFleet, profile: Profile, name: str, cloud_host: str, has_model: bool
+) -> str:
+    train = (
+        f"It joins federated rounds through a Flower SuperNode connecting to "
+        f"`{_hostport(cloud_host, sf.superlink_port)}` (TLS, authenticated by "
+        "`secrets/supernode.key`)."
+        if profile.training.enabled
+        else "It does not train (profile limit, see below); it serves the model the fleet pushes."
+    )
+    return f"""\
+# edgefl device bundle: {name}
+
+Device `{name}` of fleet `{sf.fleet}`, profile **{profile.title}** (`{profile.name}`),
+image family `{profile.os.image_family}`.
+
+It connects to the broker at `{_hostport(cloud_host, sf.broker_port)}` (MQTT over TLS, user
+`{name}`; it may publish only its own status and event topics). {train}
+{"It starts from `model/initial.pkg`." if has_model else "It waits for the first model the fleet pushes."}
+
+## Install
+1. Write the `{profile.os.image_family}` image to the card/disk and mount its boot partition.
+2. `edgefl devices flash ... --boot <mount point>` wrote this directory there as
+   `{BUNDLE_NAME}/`. If the partition had no `user-data`, the flash put one there that runs
+   `{BUNDLE_NAME}/provision.sh` at first boot; otherwise merge `cloud-init/user-data`
+   into the existing one (its `packages` and `runcmd`).
+3. Boot. cloud-init installs the packages, creates the `edgefl` user and runs
+   `provision.sh`, which copies this bundle to `{INSTALL_DIR}` (root:edgefl, 0640),
+   deletes the secrets from the boot partition, installs `edgefl[edge]` into
+   `{VENV_DIR}` and enables `{SERVICE_NAME}`.
+   Without cloud-init, run `sudo sh {profile.os.boot_mount}/{BUNDLE_NAME}/provision.sh`.
+4. Check: `systemctl status {SERVICE_NAME}`, `journalctl -u {SERVICE_NAME}`.
+
+Offline devices: put the `edgefl` wheel (and its dependencies) into `wheels/` next to
+this README before booting; provision.sh installs from there.
+
+## Secrets
+`secrets/` holds this device's broker password and SuperNode key. Anyone holding them
+can act as this device: keep the bundle private and delete copies once flashed. If a
+bundle leaks or a device is lost, run `edgefl devices revoke {name}` on the cloud.
+
+## Profile limits
+{profile.limits or "None stated."}
+"""
+
+
+# -- writing -------------------------------------------------------------------------------
+
+
+def _edgefl_requirement() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("edgefl")
+    except PackageNotFoundError:
+        return "edgefl[edge]"
+    return f"edgefl[edge]=={v}"
+
+
+def build_bundle(
+    *,
+    sf: SecureFleet,
+    profile: Profile,
+    name: str,
+    cloud_host: str,
+    mqtt_password: str,
+    device_key: pki.ec.EllipticCurvePrivateKey | None,
+    initial_package: Path | None,
+) -> dict[str, BundleFile]:
+    """Every file of a bundle by bundle-relative path (nothing is written)."""
+    has_model = initial_package is not None
+    files: dict[str, BundleFile] = {
+        "README.md": BundleFile(
+            render_readme(
+                sf=sf, profile=profile, name=name, cloud_host=cloud_host, has_model=has_model
+            ).encode()
+        ),
+        "edge.toml": BundleFile(
+            render_edge_toml(
+                sf=sf, profile=profile, name=name, cloud_host=cloud_host, has_model=has_model
+            ).encode()
+        ),
+        "secrets/mqtt.password": BundleFile((mqtt_password + "\n").encode(), 0o600),
+        "trust/ca.pem": BundleFile(sf.ca_cert.read_bytes()),
+        "trust/signing.pub": BundleFile(sf.signing_public_key.read_bytes()),
+        f"systemd/{SERVICE_NAME}": BundleFile(render_service_unit(profile).encode()),
+        "cloud-init/user-data": BundleFile(render_user_data(profile, name=name).encode()),
+        "provision.sh": BundleFile(
+            render_provision_script(profile, edgefl_requirement=_edgefl_requirement()).encode(),
+            0o755,
+        ),
+    }
+    identity: dict[str, object] = {
+        "device": name,
+        "fleet": sf.fleet,
+        "profile": profile.name,
+        "cloud_host": cloud_host,
+        "flashed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if device_key is not None:
+        public = pki.device_public_key_openssh(device_key, comment=f"edgefl:{sf.fleet}:{name}")
+        files["secrets/supernode.key"] = BundleFile(
+            pki.device_private_key_openssh(device_key), 0o600
+        )
+        files["supernode.pub"] = BundleFile(public)
+        identity["supernode_key_sha256"] = pki.public_key_fingerprint(public)
+    if initial_package is not None:
+        files["model/initial.pkg"] = BundleFile(initial_package.read_bytes())
+    files["identity.json"] = BundleFile((json.dumps(identity, indent=2) + "\n").encode())
+    return files
+
+
+def _dir_mode(rel_dir: str) -> int:
+    return 0o700 if rel_dir.split("/")[0] == "secrets" else 0o755
+
+
+def _write_tree(root: Path, files: dict[str, BundleFile]) -> None:
+    root.mkdir(mode=0o755, exist_ok=True)
+    for rel, item in sorted(files.items()):
+        path = root / rel
+        parent_rel = str(Path(rel).parent)
+        if parent_rel != ".":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(path.parent, _dir_mode(parent_rel))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, item.mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(item.data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(path, item.mode)
+
+
+def write_boot(boot: Path, files: dict[str, BundleFile], *, name: str) -> tuple[Path, list[str]]:
+    """Write ``boot/edgefl`` atomically (temp dir + rename); maybe ``boot/user-data``."""
+    notes: list[str] = []
+    target = boot / BUNDLE_NAME
+    staging = Path(tempfile.mkdtemp(prefix=f".{BUNDLE_NAME}-new-", dir=boot))
+    old: Path | None = None
+    try:
+        _write_tree(staging, files)
+        os.chmod(staging, 0o755)
+        if target.exists():
+            old = boot / f".{BUNDLE_NAME}-old-{os.getpid()}-{time.monotonic_ns()}"
+            os.rename(target, old)
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old is not None and not target.exists():
+            os.rename(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    # cloud-init's NoCloud source reads user-data/meta-data at the partition's root.
+    user_data = boot / "user-data"
+    ours = files["cloud-init/user-data"].data
+    if not user_data.exists() or USER_DATA_MARKER in user_data.read_text(errors="replace")[:200]:
+        pki.write_public(user_data, ours)
+        if not (boot / "meta-data").exists():
+            pki.write_public(boot / "meta-data", f"instance-id: edgefl-{name}\n".encode())
+    else:
+        notes.append(
+            f"{user_data} exists and was not written by edgefl: merge "
+            f"{target / 'cloud-init' / 'user-data'} into it (packages, runcmd)"
+        )
+    return target, notes
+
+
+def write_tarball(out: Path, files: dict[str, BundleFile]) -> Path:
+    """Write ``out`` (.tar.gz) atomically; member modes as in the bundle, owner root."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    tmp = Path(tmp_name)
+    os.fchmod(fd, 0o600)
+    now = int(time.time())
+
+    def info(name: str, mode: int, size: int = 0, *, directory: bool = False) -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(name)
+        ti.mode = mode
+        ti.size = size
+        ti.mtime = now
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = "root"
+        ti.type = tarfile.DIRTYPE if directory else tarfile.REGTYPE
+        return ti
+
+    try:
+        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+            tar.addfile(info(BUNDLE_NAME, 0o755, directory=True))
+            dirs = sorted({str(Path(rel).parent) for rel in files} - {"."})
+            for d in dirs:
+                tar.addfile(info(f"{BUNDLE_NAME}/{d}", _dir_mode(d), directory=True))
+            for rel, item in sorted(files.items()):
+                tar.addfile(
+                    info(f"{BUNDLE_NAME}/{rel}", item.mode, len(item.data)), io.BytesIO(item.data)
+                )
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+# -- the command -----------------------------------------------------------------------------
+
+
+def flash(
+    *,
+    cloud_dir: Path,
+    profile: str,
+    name: str,
+    cloud_host: str,
+    out: Path | None = None,
+    boot: Path | None = None,
+    force: bool = False,
+    initial_package: Path | None = None,
+    reload: Callable[[], bool | None] | None = None,
+    register_supernode: Callable[[Path], str] | None = None,
+    unregister_supernode: Callable[[str], None] | None = None,
+) -> FlashResult:
+    """Make device ``name``'s identity and bundle and enrol it with the cloud.
+
+    Exactly one of ``out`` (a ``.tar.gz``) and ``boot`` (a mounted boot partition) is
+    the destination. ``reload`` asks a running broker to reread its files (the CLI
+    signals the PID in ``<data_dir>/broker/mosquitto.pid``); ``register_supernode``
+    registers the device's public key with a running SuperLink and returns its node
+    id, ``unregister_supernode`` drops the key of an identity that ``force`` replaces.
+    ``initial_package`` defaults to ``<data_dir>/initial.pkg`` when that file exists.
+    On any failure after enrolment, the enrolment is undone.
+    """
+    if (out is None) == (boot is None):
+        raise FlashError("give exactly one destination: --boot DIR or --out FILE.tar.gz")
+    topics.check_name(name, what="device name")
+    prof = load_profile(profile)
+    data_dir = resolve_cloud_data_dir(cloud_dir)
+    sf = SecureFleet.load(data_dir)
+    if name == sf.cloud_username:
+        raise FlashError(f"device name {name!r} is reserved for the cloud's own MQTT user")
+    try:
+        pki.check_host(cloud_host)
+    except pki.PKIError as exc:
+        raise FlashError(f"--cloud {cloud_host!r}: {exc}") from exc
+    for what, certfile in (("broker", sf.broker_certfile), ("SuperLink", sf.superlink_certfile)):
+        cert = pki.load_certificate(certfile)
+        if not pki.covers_host(cert, cloud_host):
+            raise FlashError(
+                f"the {what} certificate does not name {cloud_host!r} (it names "
+                f"{', '.join(pki.certificate_hosts(cert))}); add the host with "
+                f"`edgefl cloud init --secure --host {cloud_host}` (devices already "
+                "flashed keep working: they trust the CA, not the certificate)"
+            )
+    if boot is not None:
+        boot = Path(boot)
+        if not boot.is_dir():
+            raise FlashError(f"--boot {boot}: not a directory (mount the boot partition first)")
+        existing = boot / BUNDLE_NAME
+    else:
+        out = Path(out)  # type: ignore[arg-type]
+        if not out.name.endswith((".tar.gz", ".tgz")):
+            raise FlashError(f"--out {out}: the bundle is a .tar.gz file")
+        existing = out
+    if existing.exists() and not force:
+        raise FlashError(
+            f"{existing} already holds a device bundle; refusing to overwrite an identity "
+            "without --force"
+        )
+    current = read_registry(sf).get(name)
+    if current is not None and current.status == ACTIVE and not force:
+        raise FlashError(
+            f"device {name!r} is already enrolled in fleet {sf.fleet!r} (since "
+            f"{current.enrolled_at}); flashing it again replaces its identity and locks out "
+            "the device that holds it. Re-run with --force, or revoke it first with "
+            f"`edgefl devices revoke {name}`."
+        )
+    if initial_package is None and (data_dir / INITIAL_PACKAGE_NAME).is_file():
+        initial_package = data_dir / INITIAL_PACKAGE_NAME
+
+    device_key = pki.generate_key() if prof.training.enabled else None
+    password = generate_password()
+    files = build_bundle(
+        sf=sf,
+        profile=prof,
+        name=name,
+        cloud_host=cloud_host,
+        mqtt_password=password,
+        device_key=device_key,
+        initial_package=initial_package,
+    )
+    public_key = files["supernode.pub"].data if device_key is not None else None
+    enrolment = enroll_device(
+        sf,
+        name,
+        profile=prof.name,
+        mqtt_password=password,
+        supernode_public_key=public_key,
+        force=force,
+    )
+    replaced = enrolment.replaced
+    notes: list[str] = []
+    node_id: str | None = None
+    reloaded = False
+    try:
+        if replaced is not None and replaced.node_id:
+            if unregister_supernode is not None:
+                unregister_supernode(replaced.node_id)
+            else:
+                notes.append(
+                    f"the replaced SuperNode key (node {replaced.node_id}) is still "
+                    "registered: no SuperLink was reachable"
+                )
+        if public_key is not None and register_supernode is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                key_path = Path(tmp) / "supernode.pub"
+                key_path.write_bytes(public_key)
+                node_id = register_supernode(key_path)
+            set_node_id(sf, name, node_id)
+        elif public_key is not None:
+            notes.append(
+                "no SuperLink running: the key is registered when `edgefl cloud up` starts"
+            )
+        if reload is not None:
+            reloaded = reload() is not False
+        if boot is not None:
+            bundle, boot_notes = write_boot(boot, files, name=name)
+            notes += boot_notes
+        else:
+            bundle = write_tarball(existing, files)
+    except BaseException:
+        logger.warning("flash of %s failed; undoing its enrolment", name)
+        undo_enrolment(sf, enrolment)
+        if reload is not None:
+            reload()
+        raise
+    logger.info("flashed %s (%s) into %s", name, prof.name, bundle)
+    return FlashResult(
+        name=name,
+        fleet=sf.fleet,
+        profile=prof.name,
+        bundle=bundle,
+        files=tuple(sorted(files)),
+        node_id=node_id,
+        broker_reloaded=reloaded,
+        replaced=replaced is not None,
+        notes=tuple(notes),
+    )

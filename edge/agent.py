@@ -1,0 +1,553 @@
+"""The device agent: receives signed releases over MQTT, installs them, reports telemetry.
+
+Threads:
+
+* paho's network thread does no work of ours: ``on_message`` only puts
+  ``(topic, payload)`` on a queue;
+* the **worker** thread takes everything off that queue (manifests, chunks,
+  "connected" notices) and runs the state machine below, including the install and
+  the periodic status report. A slow install therefore never stalls keepalives;
+* :class:`~edge.mqtt_util.MqttConnection`'s supervisor reconnects with exponential
+  backoff and jitter.
+
+For every manifest: parse → same fleet → signature by the fleet key → ``sequence``
+newer than the last accepted one → ``version`` newer than the serving one, or a pin →
+subscribe to that version's chunks, check each against its digest (garbage and empty
+payloads are ignored, bad ones reported), reassemble, check size and SHA-256,
+``node.install_release``, persist the sequence, report. A newer manifest arriving
+mid-download supersedes the download. Every failure becomes a ``DeviceEvent`` on the
+device's event topic; nothing received from the network can stop the agent.
+
+The MQTT session is persistent (MQTT 5 session expiry, client id = device id), and the
+Last Will is a retained OFFLINE status on the device's status topic. The last accepted
+``sequence`` is persisted through ``node.write_state`` under ``"sequence"``; a manifest
+whose install failed is not retried by the same process (a restart retries it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge.errors import ConfigError
+from edge.mqtt_util import (
+    DEFAULT_KEEPALIVE,
+    DEFAULT_RECONNECT_MAX_S,
+    DEFAULT_RECONNECT_MIN_S,
+    Endpoint,
+    MqttConnection,
+    make_client,
+)
+from protos import codec, signing, topics
+from protos.errors import CodecError
+
+logger = logging.getLogger(__name__)
+
+#: Default seconds between two status reports.
+DEFAULT_STATUS_INTERVAL_S = 5.0
+#: Default seconds the broker keeps our session (and queues QoS 1 messages) while we are away.
+DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600
+#: Default seconds without a new valid chunk after which the chunk subscription is renewed.
+DEFAULT_DOWNLOAD_RETRY_S = 30.0
+#: Bad chunks reported as events per download (more are only logged: no event floods).
+MAX_CHUNK_EVENTS = 5
+#: Key under which the last accepted manifest sequence is persisted in the node's state.
+STATE_SEQUENCE_KEY = "sequence"
+
+# Event kinds (DeviceEvent.kind).
+EVENT_INSTALLED = "release_installed"
+EVENT_REJECTED = "release_rejected"
+EVENT_INSTALL_FAILED = "install_failed"
+EVENT_CHUNK_REJECTED = "chunk_rejected"
+
+
+class ReleaseInstaller(Protocol):
+    """What the agent needs from the device (``edge.node.EdgeNode`` implements it)."""
+
+    def serving_version(self) -> int:
+        """The version being served now (0 = none)."""
+        ...
+
+    def install_release(self, version: int, data: bytes, sha256: str) -> None:
+        """Install a verified artifact atomically; raise on failure (old version stays)."""
+        ...
+
+    def status(self) -> codec.DeviceStatus:
+        """The device's current status report."""
+        ...
+
+    def read_state(self) -> dict[str, Any]:
+        """The agent's persisted state (``{}`` on first start)."""
+        ...
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        """Persist the agent's state durably."""
+        ...
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """How one device's agent reaches the broker and whom it trusts."""
+
+    #: This device's id; also its MQTT client id and (with ACLs) its broker username.
+    device_id: str
+    #: The fleet whose releases this device installs.
+    fleet: str
+    #: Broker host.
+    host: str
+    #: Broker port.
+    port: int
+    #: PEM file holding the fleet's Ed25519 release-signing public key.
+    signing_public_key: Path
+    #: Broker username (None = anonymous).
+    username: str | None = None
+    #: Broker password.
+    password: str | None = None
+    #: PEM CA bundle for the broker's TLS certificate (None = plain TCP).
+    ca_file: Path | None = None
+    #: MQTT keepalive in seconds.
+    keepalive: int = DEFAULT_KEEPALIVE
+    #: Seconds between status reports.
+    status_interval_s: float = DEFAULT_STATUS_INTERVAL_S
+    #: First reconnect delay in seconds (doubles per failed attempt, with jitter).
+    reconnect_min_s: float = DEFAULT_RECONNECT_MIN_S
+    #: Largest reconnect delay in seconds.
+    reconnect_max_s: float = DEFAULT_RECONNECT_MAX_S
+    #: Seconds the broker keeps the session while the device is offline.
+    session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S
+    #: Seconds without chunk progress before re-subscribing to the chunks.
+    download_retry_s: float = DEFAULT_DOWNLOAD_RETRY_S
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name, what in (("device_id", "device id"), ("fleet", "fleet")):
+            try:
+                topics.check_name(getattr(self, name), what=what)
+            except topics.TopicError as exc:
+                problems.append(str(exc))
+        if not 0 < self.port < 65536:
+            problems.append(f"port {self.port} is not within 1..65535")
+        if self.status_interval_s <= 0:
+            problems.append("status_interval_s must be positive")
+        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
+            problems.append("need 0 < reconnect_min_s <= reconnect_max_s")
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass
+class _Download:
+    manifest: codec.Manifest
+    chunks: dict[int, bytes] = dataclasses.field(default_factory=dict)
+    last_progress: float = dataclasses.field(default_factory=time.monotonic)
+    bad_chunks: int = 0
+
+    @property
+    def chunk_filter(self) -> str:
+        return topics.release_chunks_filter(self.manifest.fleet, self.manifest.version)
+
+
+_CONNECTED = "connected"
+_STOP = "stop"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Agent:
+    """One device's MQTT agent. ``start()`` returns at once; ``stop()`` goes OFFLINE."""
+
+    def __init__(self, settings: AgentSettings, node: ReleaseInstaller) -> None:
+        self.settings = settings
+        self.node = node
+        self._public_key: Ed25519PublicKey = signing.load_public_key(settings.signing_public_key)
+        self._manifest_topic = topics.release_manifest(settings.fleet)
+        self._status_topic = topics.device_status(settings.fleet, settings.device_id)
+        self._event_topic = topics.device_event(settings.fleet, settings.device_id)
+        self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._download: _Download | None = None
+        self._installing = False
+        self._handled_sequence = 0  # highest sequence handled in this process (incl. failures)
+        self._last_error = ""
+        endpoint = Endpoint(
+            host=settings.host,
+            port=settings.port,
+            username=settings.username,
+            password=settings.password,
+            ca_file=settings.ca_file,
+            keepalive=settings.keepalive,
+        )
+        self._client = make_client(endpoint, settings.device_id)
+        self._client.on_message = self._on_message
+        self._conn = MqttConnection(
+            self._client,
+            endpoint,
+            on_connected=self._on_connected,
+            before_connect=self._set_will,
+            clean_start=False,
+            session_expiry_s=settings.session_expiry_s,
+            reconnect_min_s=settings.reconnect_min_s,
+            reconnect_max_s=settings.reconnect_max_s,
+            name=f"agent[{settings.device_id}]",
+        )
+        self._worker: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> Agent:
+        self._worker = threading.Thread(
+            target=self._run, name=f"agent-{self.settings.device_id}", daemon=True
+        )
+        self._worker.start()
+        self._conn.start()
+        return self
+
+    def stop(self, *, timeout: float = 5.0) -> None:
+        """Publish OFFLINE (retained), disconnect cleanly and stop the threads."""
+        self._queue.put((_STOP, b""))
+        if self._worker is not None:
+            self._worker.join(timeout)
+            self._worker = None
+        if self._conn.connected:
+            info = self._client.publish(
+                self._status_topic, self._offline_payload(), qos=1, retain=True
+            )
+            try:
+                info.wait_for_publish(timeout=timeout)
+            except (ValueError, RuntimeError) as exc:
+                logger.warning("could not publish the OFFLINE status: %s", exc)
+        self._conn.stop(timeout=timeout)
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._conn.wait_connected(timeout)
+
+    def __enter__(self) -> Agent:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- paho callbacks (network / supervisor threads): no work here -------------------
+
+    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        self._queue.put((msg.topic, bytes(msg.payload)))
+
+    def _on_connected(self, session_present: bool) -> None:
+        self._queue.put((_CONNECTED, b""))
+
+    def _set_will(self) -> None:
+        self._client.will_set(self._status_topic, self._offline_payload(), qos=1, retain=True)
+
+    # -- worker --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_status = time.monotonic()
+        while True:
+            timeout = max(0.0, next_status - time.monotonic())
+            if self._download is not None:
+                timeout = min(timeout, self.settings.download_retry_s)
+            try:
+                topic, payload = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                topic, payload = "", b""
+            try:
+                if topic == _STOP:
+                    return
+                if topic == _CONNECTED:
+                    self._after_connect()
+                    next_status = time.monotonic()
+                elif topic:
+                    self._handle_message(topic, payload)
+                self._check_stalled_download()
+                if time.monotonic() >= next_status:
+                    self._publish_status()
+                    next_status = time.monotonic() + self.settings.status_interval_s
+            except Exception:
+                # A bug must not kill the agent; the next message gets a fresh chance.
+                logger.exception("agent worker: unexpected error")
+
+    def _after_connect(self) -> None:
+        self._client.subscribe(self._manifest_topic, qos=1)
+        if self._download is not None:
+            self._client.subscribe(self._download.chunk_filter, qos=1)
+
+    def _handle_message(self, topic: str, payload: bytes) -> None:
+        try:
+            parsed = topics.parse(topic)
+        except topics.TopicError:
+            logger.warning("ignoring a message on an unexpected topic %r", topic)
+            return
+        if parsed.fleet != self.settings.fleet:
+            logger.warning("ignoring a message for fleet %s on %r", parsed.fleet, topic)
+        elif parsed.kind == "manifest":
+            self._handle_manifest(payload)
+        elif parsed.kind == "chunk":
+            self._handle_chunk(parsed.version, parsed.index, payload)
+        else:
+            logger.debug("ignoring %s message on %r", parsed.kind, topic)
+
+    # -- manifests -----------------------------------------------------------------------
+
+    def _last_accepted_sequence(self) -> int:
+        try:
+            value = self.node.read_state().get(STATE_SEQUENCE_KEY, 0)
+            return int(value)
+        except Exception:
+            logger.exception("cannot read the agent state; assuming no release accepted")
+            return 0
+
+    def _accept_sequence(self, sequence: int) -> None:
+        state = dict(self.node.read_state())
+        state[STATE_SEQUENCE_KEY] = sequence
+        self.node.write_state(state)
+
+    def _handle_manifest(self, payload: bytes) -> None:
+        if not payload:
+            logger.info("the retained release manifest was cleared")
+            return
+        logger.debug("manifest payload: %r", payload)
+        try:
+            manifest = codec.manifest_from_bytes(payload)
+        except CodecError as exc:
+            self._reject(0, f"malformed manifest: {exc}")
+            return
+        if manifest.fleet != self.settings.fleet:
+            self._reject(
+                manifest.version,
+                f"manifest is for fleet {manifest.fleet!r}, this device is in {self.settings.fleet!r}",
+            )
+            return
+        try:
+            signing.verify_manifest(manifest, self._public_key)
+        except signing.SignatureError as exc:
+            self._reject(manifest.version, f"bad signature: {exc}")
+            return
+        accepted = max(self._last_accepted_sequence(), self._handled_sequence)
+        current = self._download.manifest if self._download is not None else None
+        if manifest.sequence == accepted or (
+            current is not None and manifest.sequence == current.sequence
+        ):
+            logger.debug(
+                "release %d (sequence %d) already handled", manifest.version, manifest.sequence
+            )
+            return
+        if manifest.sequence < accepted or (
+            current is not None and manifest.sequence < current.sequence
+        ):
+            newest = max(accepted, current.sequence if current is not None else 0)
+            self._reject(
+                manifest.version,
+                f"replayed manifest: sequence {manifest.sequence} is not newer than {newest}",
+            )
+            return
+        serving = self.node.serving_version()
+        if not manifest.pinned and manifest.version <= serving:
+            if manifest.version == serving:
+                # The same release republished (e.g. after a cloud restart): nothing to do.
+                self._handled_sequence = manifest.sequence
+                self._accept_sequence(manifest.sequence)
+                self._abandon_download("release %d is already served")
+                return
+            self._reject(
+                manifest.version,
+                f"version {manifest.version} is older than the served version {serving} "
+                "and not pinned",
+            )
+            return
+        if manifest.pinned and manifest.version == serving:
+            self._handled_sequence = manifest.sequence
+            self._accept_sequence(manifest.sequence)
+            self._abandon_download("pinned release %d is already served")
+            return
+        self._start_download(manifest)
+
+    def _abandon_download(self, why: str) -> None:
+        if self._download is not None:
+            logger.info(why, self._download.manifest.version)
+            self._client.unsubscribe(self._download.chunk_filter)
+            self._download = None
+
+    def _start_download(self, manifest: codec.Manifest) -> None:
+        old = self._download
+        if old is not None:
+            logger.info(
+                "release %d supersedes release %d mid-download",
+                manifest.version,
+                old.manifest.version,
+            )
+            if old.manifest.version != manifest.version:
+                self._client.unsubscribe(old.chunk_filter)
+        self._download = _Download(manifest)
+        logger.info(
+            "downloading release %d (%d bytes, %d chunks%s)",
+            manifest.version,
+            manifest.artifact_size,
+            manifest.chunk_count,
+            ", pinned" if manifest.pinned else "",
+        )
+        # (Re)subscribing makes the broker send the retained chunks, even for a version
+        # we were already subscribed to.
+        self._client.subscribe(self._download.chunk_filter, qos=1)
+        self._publish_status()
+
+    # -- chunks --------------------------------------------------------------------------
+
+    def _handle_chunk(self, version: int, index: int, payload: bytes) -> None:
+        dl = self._download
+        if dl is None or version != dl.manifest.version:
+            logger.debug("ignoring chunk %d of release %d (not downloading it)", index, version)
+            return
+        if not payload:
+            logger.debug("ignoring an empty chunk %d of release %d", index, version)
+            return
+        if index >= dl.manifest.chunk_count:
+            self._report_bad_chunk(dl, index, f"index beyond the {dl.manifest.chunk_count} chunks")
+            return
+        if index in dl.chunks:
+            return
+        digest = codec.sha256_hex(payload)
+        if digest != dl.manifest.chunk_sha256[index]:
+            self._report_bad_chunk(dl, index, f"digest {digest[:16]}… does not match the manifest")
+            return
+        dl.chunks[index] = payload
+        dl.last_progress = time.monotonic()
+        if len(dl.chunks) == dl.manifest.chunk_count:
+            self._client.unsubscribe(dl.chunk_filter)
+            self._download = None
+            self._install(dl)
+
+    def _report_bad_chunk(self, dl: _Download, index: int, why: str) -> None:
+        dl.bad_chunks += 1
+        detail = f"chunk {index} of release {dl.manifest.version} ignored: {why}"
+        logger.warning("%s", detail)
+        if dl.bad_chunks <= MAX_CHUNK_EVENTS:
+            self._emit_event(EVENT_CHUNK_REJECTED, detail, dl.manifest.version)
+
+    def _check_stalled_download(self) -> None:
+        dl = self._download
+        if dl is None or time.monotonic() - dl.last_progress < self.settings.download_retry_s:
+            return
+        logger.warning(
+            "release %d: %d of %d chunks after %.0f s; asking the broker again",
+            dl.manifest.version,
+            len(dl.chunks),
+            dl.manifest.chunk_count,
+            self.settings.download_retry_s,
+        )
+        dl.last_progress = time.monotonic()
+        if self._conn.connected:
+            self._client.subscribe(dl.chunk_filter, qos=1)
+
+    # -- install -------------------------------------------------------------------------
+
+    def _install(self, dl: _Download) -> None:
+        m = dl.manifest
+        data = b"".join(dl.chunks[i] for i in range(m.chunk_count))
+        self._handled_sequence = max(self._handled_sequence, m.sequence)
+        if len(data) != m.artifact_size or codec.sha256_hex(data) != m.artifact_sha256:
+            self._reject(
+                m.version,
+                f"reassembled artifact ({len(data)} bytes) does not match the manifest's "
+                f"size {m.artifact_size} and SHA-256",
+            )
+            return
+        self._installing = True
+        self._publish_status()
+        try:
+            self.node.install_release(m.version, data, m.artifact_sha256)
+        except Exception as exc:
+            self._last_error = f"install of release {m.version} failed: {exc}"
+            logger.error("%s", self._last_error, exc_info=True)
+            self._emit_event(EVENT_INSTALL_FAILED, str(exc), m.version)
+            return
+        finally:
+            self._installing = False
+        self._last_error = ""
+        try:
+            self._accept_sequence(m.sequence)
+        except Exception:
+            logger.exception("release %d installed but its sequence was not persisted", m.version)
+        logger.info("installed release %d (sequence %d)", m.version, m.sequence)
+        self._emit_event(
+            EVENT_INSTALLED,
+            f"round {m.round}{' (pinned)' if m.pinned else ''}",
+            m.version,
+        )
+        self._publish_status()
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def _reject(self, version: int, reason: str) -> None:
+        logger.warning("release %d rejected: %s", version, reason)
+        self._emit_event(EVENT_REJECTED, reason, version)
+
+    def _emit_event(self, kind: str, detail: str, version: int) -> None:
+        event = codec.DeviceEvent(
+            device_id=self.settings.device_id,
+            timestamp_ms=_now_ms(),
+            kind=kind,
+            detail=detail[:1000],
+            version=version,
+        )
+        self._client.publish(self._event_topic, codec.event_to_bytes(event), qos=1)
+
+    def _current_status(self) -> codec.DeviceStatus:
+        try:
+            status = self.node.status()
+        except Exception as exc:
+            logger.exception("node.status() failed")
+            return codec.DeviceStatus(
+                device_id=self.settings.device_id,
+                fleet=self.settings.fleet,
+                serving_version=0,
+                state="DEGRADED",
+                timestamp_ms=_now_ms(),
+                last_error=f"status unavailable: {exc}",
+            )
+        changes: dict[str, Any] = {
+            "device_id": self.settings.device_id,
+            "fleet": self.settings.fleet,
+            "timestamp_ms": status.timestamp_ms or _now_ms(),
+        }
+        if self._installing or self._download is not None:
+            changes["state"] = "UPDATING"
+        if self._last_error and not status.last_error:
+            changes["last_error"] = self._last_error
+        return dataclasses.replace(status, **changes)
+
+    def _publish_status(self) -> None:
+        if not self._conn.connected:
+            return  # a stale status queued for later is worse than none
+        payload = codec.status_to_bytes(self._current_status())
+        self._client.publish(self._status_topic, payload, qos=1, retain=True)
+
+    def _offline_payload(self) -> bytes:
+        try:
+            serving = self.node.serving_version()
+        except Exception:
+            serving = 0
+        return codec.status_to_bytes(
+            codec.DeviceStatus(
+                device_id=self.settings.device_id,
+                fleet=self.settings.fleet,
+                serving_version=serving,
+                state="OFFLINE",
+                timestamp_ms=_now_ms(),
+            )
+        )

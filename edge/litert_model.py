@@ -1,0 +1,339 @@
+"""Device-side model: a LiteRT interpreter driven through the four model signatures.
+
+The ``.tflite`` file built by :mod:`cloud.authoring.build` carries the signatures
+``infer``, ``train``, ``parameters`` and ``restore``; :class:`LiteRTModel` wraps them
+with shape/dtype checks, named weights as described by the :class:`ModelCard`, and
+``fit``/``evaluate`` loops. Only numpy and ``ai_edge_litert`` are imported: never
+TensorFlow, which a device does not have.
+
+**Not thread-safe.** A LiteRT interpreter gives silently wrong results (or crashes)
+when two calls overlap, so a :class:`LiteRTModel` must be used by one thread at a time.
+Callers serialise access (the services layer owns the locks) or keep one instance per
+thread (:meth:`LiteRTModel.clone`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+from edge.model_card import ModelCard
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.tflite"
+CARD_FILE = "card.json"
+_TRAIN_INPUTS = frozenset({"x", "y", "lr", "mu"})
+_TRAIN_OUTPUTS = frozenset({"loss", "correct"})
+_PROB_FLOOR = 1e-7
+
+
+class ModelContractError(ValueError):
+    """The ``.tflite`` file does not implement the model contract its card describes."""
+
+
+class WeightMismatchError(ValueError):
+    """Weights offered to :meth:`LiteRTModel.set_weights` do not match the card.
+
+    ``problems`` lists every missing, unexpected, mis-shaped or mis-typed weight.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("weights do not match the model card: " + "; ".join(self.problems))
+
+
+class LiteRTModel:
+    """A trainable LiteRT model: inference, SGD steps and named weights.
+
+    Not thread-safe: see the module docstring.
+    """
+
+    card: ModelCard
+
+    def __init__(self, tflite: bytes, card: ModelCard, *, num_threads: int = 1) -> None:
+        """Create the interpreter and signature runners; check them against ``card``.
+
+        Raises :class:`ModelContractError` when a signature, tensor name or shape that
+        the card promises is missing from the model.
+        """
+        self.card = card
+        self._tflite = bytes(tflite)
+        self._num_threads = num_threads
+        try:
+            self._interpreter = Interpreter(model_content=self._tflite, num_threads=num_threads)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelContractError(f"LiteRT cannot load the model: {exc}") from exc
+        signatures = self._interpreter.get_signature_list()
+        self._check_contract(signatures)
+        self._infer = self._interpreter.get_signature_runner("infer")
+        self._train = self._interpreter.get_signature_runner("train")
+        self._parameters = self._interpreter.get_signature_runner("parameters")
+        self._restore = self._interpreter.get_signature_runner("restore")
+        self._check_shapes()
+        logger.debug(
+            "loaded %s (%d bytes, %d threads)", card.architecture_id, len(self._tflite), num_threads
+        )
+
+    # -- construction helpers -----------------------------------------------------------
+    @classmethod
+    def load(cls, directory: str | Path, *, num_threads: int = 1) -> LiteRTModel:
+        """Load ``model.tflite`` + ``card.json`` from a build directory."""
+        directory = Path(directory)
+        card = ModelCard.load(directory / CARD_FILE)
+        return cls((directory / MODEL_FILE).read_bytes(), card, num_threads=num_threads)
+
+    def clone(self) -> LiteRTModel:
+        """A new, independent interpreter of the same model holding the current weights."""
+        other = LiteRTModel(self._tflite, self.card, num_threads=self._num_threads)
+        other.set_weights(self.get_weights())
+        return other
+
+    @property
+    def tflite(self) -> bytes:
+        """The flatbuffer this model was created from (initial weights, not current ones)."""
+        return self._tflite
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example."""
+        return self.card.input_shape
+
+    @property
+    def train_batch(self) -> int:
+        """The fixed batch size of the ``train`` signature."""
+        return self.card.train_batch
+
+    def _check_contract(self, signatures: Mapping[str, Any]) -> None:
+        problems: list[str] = []
+        for key in ("infer", "train", "parameters", "restore"):
+            if key not in signatures:
+                problems.append(f"signature {key!r} missing")
+        names = set(self.card.weight_names)
+        if "infer" in signatures:
+            sig = signatures["infer"]
+            if list(sig["inputs"]) != [self.card.input.name]:
+                problems.append(f"infer inputs {sig['inputs']} != [{self.card.input.name!r}]")
+            if self.card.output.name not in sig["outputs"]:
+                problems.append(f"infer has no output {self.card.output.name!r}")
+        if "train" in signatures:
+            sig = signatures["train"]
+            if set(sig["inputs"]) != _TRAIN_INPUTS:
+                problems.append(f"train inputs {sorted(sig['inputs'])} != {sorted(_TRAIN_INPUTS)}")
+            if not set(sig["outputs"]) >= _TRAIN_OUTPUTS:
+                problems.append(f"train outputs {sorted(sig['outputs'])} lack loss/correct")
+        if "parameters" in signatures and set(signatures["parameters"]["outputs"]) != names:
+            problems.append("parameters outputs do not match the card's weight names")
+        if "restore" in signatures and set(signatures["restore"]["inputs"]) != names:
+            problems.append("restore inputs do not match the card's weight names")
+        if problems:
+            raise ModelContractError("model does not match its card: " + "; ".join(problems))
+
+    def _check_shapes(self) -> None:
+        problems: list[str] = []
+        x_infer = self._infer.get_input_details()[self.card.input.name]
+        if tuple(int(d) for d in x_infer["shape_signature"]) != tuple(self.card.input.shape):
+            problems.append(
+                f"infer input shape {list(x_infer['shape_signature'])} != card {list(self.card.input.shape)}"
+            )
+        train_in = self._train.get_input_details()
+        expected_x = (self.card.train_batch, *self.card.input_shape)
+        if tuple(int(d) for d in train_in["x"]["shape_signature"]) != expected_x:
+            problems.append(
+                f"train x shape {list(train_in['x']['shape_signature'])} != {list(expected_x)}"
+            )
+        if train_in["y"]["dtype"] != np.dtype(self.card.label_dtype):
+            problems.append(f"train y dtype {train_in['y']['dtype']} != {self.card.label_dtype}")
+        restore_in = self._restore.get_input_details()
+        for spec in self.card.weight_specs:
+            detail = restore_in.get(spec.name)
+            if detail is None:
+                continue
+            if tuple(int(d) for d in detail["shape_signature"]) != spec.shape:
+                problems.append(
+                    f"weight {spec.name} shape {list(detail['shape_signature'])} != card {list(spec.shape)}"
+                )
+        if problems:
+            raise ModelContractError("model does not match its card: " + "; ".join(problems))
+
+    # -- inference ----------------------------------------------------------------------
+    def _as_examples(self, x: np.ndarray, what: str) -> np.ndarray:
+        arr = np.asarray(x)
+        if arr.ndim != len(self.input_shape) + 1 or tuple(arr.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"{what}: expected shape [batch, {', '.join(map(str, self.input_shape))}], "
+                f"got {list(arr.shape)}"
+            )
+        if arr.shape[0] < 1:
+            raise ValueError(f"{what}: batch must hold at least one example")
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities ``[batch, classes]`` for a float batch of any size >= 1."""
+        xs = self._as_examples(x, "infer")
+        out = self._infer(**{self.card.input.name: xs})
+        return np.array(out[self.card.output.name], dtype=np.float32, copy=True)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Most likely class per example (int32)."""
+        return self.infer(x).argmax(axis=-1).astype(np.int32)
+
+    # -- training -----------------------------------------------------------------------
+    def _as_labels(self, y: np.ndarray, n: int) -> np.ndarray:
+        arr = np.asarray(y)
+        if arr.shape != (n,):
+            raise ValueError(f"labels: expected shape [{n}], got {list(arr.shape)}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"labels must be integers, got {arr.dtype}")
+        if n and (arr.min() < 0 or arr.max() >= self.card.classes):
+            raise ValueError(
+                f"labels must lie in [0, {self.card.classes}), got {arr.min()}..{arr.max()}"
+            )
+        return np.ascontiguousarray(arr, dtype=np.int32)
+
+    def train_step(
+        self, x: np.ndarray, y: np.ndarray, lr: float, mu: float = 0.0
+    ) -> tuple[float, int]:
+        """One SGD step on exactly ``train_batch`` examples; returns (mean loss, #correct).
+
+        ``mu > 0`` adds the FedProx term ``mu * (w - anchor)`` to every gradient, where
+        the anchor is the last weights given to :meth:`set_weights`.
+        """
+        xs = self._as_examples(x, "train_step")
+        if xs.shape[0] != self.card.train_batch:
+            raise ValueError(
+                f"train_step needs exactly {self.card.train_batch} examples, got {xs.shape[0]}"
+            )
+        ys = self._as_labels(y, xs.shape[0])
+        out = self._train(
+            x=xs,
+            y=ys,
+            lr=np.asarray(lr, dtype=np.float32),
+            mu=np.asarray(mu, dtype=np.float32),
+        )
+        return float(out["loss"]), round(float(out["correct"]))
+
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        lr: float,
+        mu: float = 0.0,
+        seed: int = 0,
+    ) -> dict[str, float]:
+        """Train ``epochs`` passes over ``(x, y)`` in shuffled mini-batches of ``train_batch``.
+
+        Remainder policy: **wrap**. Each epoch is a fresh seeded permutation; the last,
+        partial batch is filled up with examples from the start of that permutation, so
+        every example is seen at least once per epoch and a device with fewer examples
+        than ``train_batch`` still trains (steps per epoch = ceil(n / train_batch)).
+
+        Returns ``loss`` and ``accuracy`` (means over the steps of the last epoch,
+        including wrapped duplicates), ``steps`` (total), ``seconds`` (wall time) and
+        ``examples`` (``len(x)``, the weight FedAvg should use).
+        """
+        if epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {epochs}")
+        xs = self._as_examples(x, "fit")
+        n = xs.shape[0]
+        ys = self._as_labels(y, n)
+        batch = self.card.train_batch
+        steps_per_epoch = -(-n // batch)
+        rng = np.random.default_rng(seed)
+        started = time.perf_counter()
+        steps = 0
+        loss_sum = 0.0
+        correct = 0
+        seen = 0
+        for _ in range(epochs):
+            order = rng.permutation(n)
+            if steps_per_epoch * batch > n:
+                order = np.resize(order, steps_per_epoch * batch)  # wraps around the start
+            loss_sum, correct, seen = 0.0, 0, 0
+            for s in range(steps_per_epoch):
+                idx = order[s * batch : (s + 1) * batch]
+                loss, ok = self.train_step(xs[idx], ys[idx], lr, mu)
+                loss_sum += loss
+                correct += ok
+                seen += batch
+                steps += 1
+        seconds = time.perf_counter() - started
+        metrics = {
+            "loss": loss_sum / steps_per_epoch if epochs else float("nan"),
+            "accuracy": correct / seen if seen else float("nan"),
+            "steps": float(steps),
+            "seconds": seconds,
+            "examples": float(n),
+        }
+        logger.debug("fit: %s", metrics)
+        return metrics
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch: int = 256) -> dict[str, float]:
+        """Cross-entropy (probabilities clipped at 1e-7) and accuracy over ``(x, y)``."""
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        xs = self._as_examples(x, "evaluate")
+        ys = self._as_labels(y, xs.shape[0])
+        loss_sum = 0.0
+        correct = 0
+        for start in range(0, xs.shape[0], batch):
+            probs = self.infer(xs[start : start + batch])
+            labels = ys[start : start + batch]
+            picked = probs[np.arange(labels.shape[0]), labels]
+            loss_sum += float(-np.log(np.clip(picked, _PROB_FLOOR, 1.0)).sum())
+            correct += int((probs.argmax(axis=-1) == labels).sum())
+        n = xs.shape[0]
+        return {"loss": loss_sum / n, "accuracy": correct / n, "examples": float(n)}
+
+    # -- weights ------------------------------------------------------------------------
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """Current weights by name (copies, in card order)."""
+        out = self._parameters()
+        return {
+            name: np.array(out[name], dtype=np.float32, copy=True)
+            for name in self.card.weight_names
+        }
+
+    def check_weights(self, weights: Mapping[str, np.ndarray]) -> list[str]:
+        """Every way ``weights`` differs from the card (empty list when they match)."""
+        problems: list[str] = []
+        expected = {w.name: w for w in self.card.weight_specs}
+        missing = [name for name in expected if name not in weights]
+        unexpected = sorted(name for name in weights if name not in expected)
+        if missing:
+            problems.append(f"missing: {', '.join(missing)}")
+        if unexpected:
+            problems.append(f"unexpected: {', '.join(unexpected)}")
+        for name, spec in expected.items():
+            if name not in weights:
+                continue
+            value = weights[name]
+            if not isinstance(value, np.ndarray):
+                problems.append(f"{name}: not a numpy array ({type(value).__name__})")
+                continue
+            if tuple(value.shape) != spec.shape:
+                problems.append(f"{name}: shape {list(value.shape)} != {list(spec.shape)}")
+            if value.dtype != np.dtype(spec.dtype):
+                problems.append(f"{name}: dtype {value.dtype} != {spec.dtype}")
+        return problems
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Replace all weights (and the FedProx anchors).
+
+        Everything is validated first; on any mismatch :class:`WeightMismatchError`
+        names every problem and the model is left untouched.
+        """
+        problems = self.check_weights(weights)
+        if problems:
+            raise WeightMismatchError(problems)
+        self._restore(
+            **{name: np.ascontiguousarray(weights[name]) for name in self.card.weight_names}
+        )

@@ -1,0 +1,211 @@
+"""The device: model store, serving model, trainer and local data, wired together.
+
+:class:`EdgeNode` is what the gRPC servicers and the MQTT agent talk to. At
+:meth:`EdgeNode.start` it serves the store's current version if there is one, else
+installs ``[model] initial_package`` if configured, else stays not ready until the
+first release arrives through :meth:`EdgeNode.install_release`.
+
+Installing a release: verify the digest, decode the package and build + warm a new
+serving model (nothing is persisted yet), store it atomically, then swap it in. Any
+failure raises :class:`~edge.errors.InstallError` and the previous version keeps serving.
+
+Directories under ``[device] data_dir``: ``models/`` (the :class:`ModelStore`, with the
+node state ``state.json``), ``samples/`` (the :class:`LocalData` log), ``grpc.port``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from edge.config import Settings
+from edge.errors import EdgeError, InstallError, StoreError
+from edge.local_data import LocalData, SampleSpec
+from edge.model_store import ModelStore, StoredModel
+from edge.serving import Serving, ServingModel
+from edge.trainer_service import LocalTrainer
+from protos import codec
+from protos.errors import CodecError
+
+logger = logging.getLogger(__name__)
+
+
+class EdgeNode:
+    """One device's state and behaviour, independent of any transport."""
+
+    def __init__(self, settings: Settings) -> None:
+        """Open the stores under ``settings.device.data_dir``; call :meth:`start` to serve."""
+        self.settings = settings
+        data_dir = Path(settings.device.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = ModelStore(data_dir / "models", keep=settings.model.keep_versions)
+        self.data = LocalData(data_dir / "samples", capacity=settings.data.capacity)
+        self.serving = Serving(pool_size=settings.grpc.serving_threads)
+        self.trainer = LocalTrainer(
+            self.serving, self.data, settings.training, on_fit=self._fit_done
+        )
+        self.serving.add_listener(self._on_swap)
+        self._install_lock = threading.Lock()
+        self._updating = False
+        self.last_error = ""
+        self.last_metrics: dict[str, float] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        """Serve the stored current version, or install the initial package, or wait."""
+        stored: StoredModel | None = None
+        try:
+            stored = self.store.current()
+        except EdgeError as exc:
+            self._error(f"model store unusable: {exc}")
+        if stored is not None:
+            try:
+                self.serving.load(stored.version, stored.package(), stored.sha256)
+                return
+            except (EdgeError, CodecError) as exc:
+                self._error(f"stored version {stored.version} cannot be served: {exc}")
+        initial = self.settings.model.initial_package
+        if stored is None and initial is not None:
+            try:
+                data = Path(initial).read_bytes()
+                self.install_release(1, data, codec.sha256_hex(data))
+                return
+            except (OSError, EdgeError) as exc:
+                self._error(f"initial package {initial} not installed: {exc}")
+        logger.warning("no model to serve yet; waiting for a release")
+
+    @property
+    def ready(self) -> bool:
+        """Whether a model is being served."""
+        return self.serving.current is not None
+
+    def serving_version(self) -> int:
+        """The version being served (0 when none)."""
+        return self.serving.version
+
+    # -- releases -----------------------------------------------------------------------
+    def install_release(self, version: int, data: bytes, sha256: str) -> None:
+        """Verify, store and serve a release; on any failure raise InstallError and keep serving."""
+        with self._install_lock:
+            self._updating = True
+            try:
+                actual = codec.sha256_hex(data)
+                if actual != sha256.lower():
+                    raise InstallError(
+                        f"release {version}: digest {actual[:12]}… differs from announced {sha256[:12]}…"
+                    )
+                try:
+                    package = codec.package_from_bytes(data)
+                except CodecError as exc:
+                    raise InstallError(f"release {version}: {exc}") from exc
+                model = self.serving.build(version, package, actual)
+                try:
+                    self.store.install(version, data, actual)
+                except StoreError as exc:
+                    raise InstallError(f"release {version}: {exc}") from exc
+                self.serving.swap(model)
+                self.last_error = ""
+            except InstallError as exc:
+                self._error(str(exc))
+                raise
+            finally:
+                self._updating = False
+
+    def activate(self, version: int) -> None:
+        """Serve the stored ``version`` (pin or roll back); InstallError keeps the current one."""
+        with self._install_lock:
+            self._updating = True
+            try:
+                try:
+                    stored = self.store.get(version)
+                    model = self.serving.build(version, stored.package(), stored.sha256)
+                    self.store.activate(version)
+                except (EdgeError, CodecError) as exc:
+                    if isinstance(exc, InstallError):
+                        raise
+                    raise InstallError(f"cannot activate version {version}: {exc}") from exc
+                self.serving.swap(model)
+            except InstallError as exc:
+                self._error(str(exc))
+                raise
+            finally:
+                self._updating = False
+
+    def _on_swap(self, model: ServingModel) -> None:
+        spec = SampleSpec(model.card.input_shape, model.card.classes)
+        try:
+            self.data.set_spec(spec)
+        except EdgeError as exc:
+            self._error(str(exc))
+
+    # -- node state ---------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Persisted node state (``sequence``: last accepted release, ``last_round``)."""
+        return self.store.read_state()
+
+    def read_state(self) -> dict[str, Any]:
+        """The persisted node state (``{}`` on first start); same as :meth:`state`."""
+        return self.store.read_state()
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        """Replace the persisted node state durably (atomic JSON file)."""
+        self.store.write_state(state)
+
+    def update_state(self, **values: Any) -> None:
+        """Merge ``values`` into the persisted node state."""
+        state = self.store.read_state()
+        state.update(values)
+        self.store.write_state(state)
+
+    def _fit_done(self, server_round: int, metrics: dict[str, float]) -> None:
+        self.last_metrics = dict(metrics)
+        if server_round > 0:
+            try:
+                self.update_state(last_round=server_round)
+            except EdgeError as exc:
+                self._error(str(exc))
+
+    def _error(self, message: str) -> None:
+        logger.error("%s", message)
+        self.last_error = message
+
+    # -- status -------------------------------------------------------------------------
+    def status(self) -> codec.DeviceStatus:
+        """A snapshot of what the device is doing, for telemetry."""
+        import psutil
+
+        if self._updating:
+            state = "UPDATING"
+        elif self.trainer.busy:
+            state = "TRAINING"
+        elif self.ready:
+            state = "SERVING"
+        else:
+            state = "DEGRADED"
+        proc = psutil.Process()
+        try:
+            disk_free = psutil.disk_usage(str(self.store.root)).free
+        except OSError:
+            disk_free = 0
+        from edge.cli import version as edgefl_version
+
+        return codec.DeviceStatus(
+            device_id=self.settings.device.id,
+            fleet=self.settings.device.fleet,
+            serving_version=self.serving_version(),
+            state=state,
+            timestamp_ms=int(time.time() * 1000),
+            last_round_trained=int(self.state().get("last_round", 0)),
+            sample_count=len(self.data),
+            cpu_percent=float(proc.cpu_percent(interval=None)),
+            rss_bytes=int(proc.memory_info().rss),
+            disk_free_bytes=int(disk_free),
+            memory_available_bytes=int(psutil.virtual_memory().available),
+            profile=self.settings.device.profile,
+            last_error=self.last_error,
+            last_metrics={k: float(v) for k, v in self.last_metrics.items()},
+            edgefl_version=edgefl_version(),
+        )

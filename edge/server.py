@@ -1,0 +1,277 @@
+"""The device's gRPC server: Inference, Trainer, LocalData, health and reflection.
+
+:func:`build_server` creates a ``grpc.Server`` for an :class:`~edge.node.EdgeNode` and
+binds it (port 0 picks a free port); :class:`EdgeServer` adds the lifecycle: start,
+write ``data_dir/grpc.port``, and a graceful stop: every health status goes
+NOT_SERVING, new calls are still answered for ``drain_delay_s`` so watchers notice,
+then the server stops accepting and in-flight calls get ``grace_s`` to finish.
+:func:`serve` runs one until SIGTERM/SIGINT and prints, once ready::
+
+    edgefl edge: serving on 127.0.0.1:43817
+
+Health (``grpc.health.v1``): the overall status ("") and LocalData are SERVING once
+started; ``inference.GRPCInferenceService`` and ``edgefl.v1.Trainer`` only once a
+model is loaded. ``--only inference|trainer|data`` registers one service (with health
+and reflection); by default all run in one process.
+
+Run as ``python -m edge.server --config edge.toml [--only inference]`` or
+``edgefl edge serve``. When ``[mqtt]`` is configured, :func:`serve` also runs the MQTT
+agent (:mod:`edge.agent`) with the same node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent import futures
+from pathlib import Path
+from typing import Any, Literal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from edge import inference_service, local_data_service, trainer_service
+from edge.config import Settings, load_settings
+from edge.errors import ConfigError
+from edge.model_store import atomic_write
+from edge.node import EdgeNode
+from edge.serving import ServingModel
+from protos.edgefl.v1 import local_data_pb2_grpc, trainer_pb2_grpc
+from protos.kserve import grpc_predict_v2_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+Only = Literal["inference", "trainer", "data"]
+ONLY_CHOICES: tuple[Only, ...] = ("inference", "trainer", "data")
+READY_LINE = "edgefl edge: serving on {host}:{port}"
+_NEEDS_MODEL = (inference_service.SERVICE_NAME, trainer_service.SERVICE_NAME)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def build_server(
+    node: EdgeNode,
+    settings: Settings,
+    *,
+    only: Only | None = None,
+    health_servicer: health.HealthServicer | None = None,
+) -> tuple[grpc.Server, int]:
+    """Create and bind (not start) the server for ``node``; returns it and the bound port.
+
+    Pass ``health_servicer`` to keep a handle on health statuses (one is created
+    otherwise). Raises ``RuntimeError`` when the address cannot be bound.
+    """
+    cfg = settings.grpc
+    workers = max(8, cfg.serving_threads + 6)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edgefl-grpc"),
+        options=[
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    names: list[str] = []
+    if only in (None, "inference"):
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            inference_service.InferenceServicer(node.serving, settings.model.name, cfg.max_batch),
+            server,
+        )
+        names.append(inference_service.SERVICE_NAME)
+    if only in (None, "trainer"):
+        trainer_pb2_grpc.add_TrainerServicer_to_server(
+            trainer_service.TrainerServicer(node.trainer, settings.model.name), server
+        )
+        names.append(trainer_service.SERVICE_NAME)
+    if only in (None, "data"):
+        local_data_pb2_grpc.add_LocalDataServicer_to_server(
+            local_data_service.LocalDataServicer(node.data), server
+        )
+        names.append(local_data_service.SERVICE_NAME)
+
+    hs = health_servicer or health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    serving_status = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in names:
+        model_ok = node.ready or name not in _NEEDS_MODEL
+        hs.set(name, serving_status if model_ok else not_serving)
+    hs.set("", serving_status)
+
+    def on_swap(_model: ServingModel) -> None:
+        for name in names:
+            if name in _NEEDS_MODEL:
+                hs.set(name, serving_status)
+
+    node.serving.add_listener(on_swap)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(_address(cfg.host, cfg.port))
+    if port == 0:
+        raise RuntimeError(f"cannot bind gRPC server to {_address(cfg.host, cfg.port)}")
+    logger.info("gRPC services %s bound to %s", ", ".join(names), _address(cfg.host, port))
+    return server, port
+
+
+class EdgeServer:
+    """A node and its gRPC server with start/stop; used by :func:`serve` and by tests."""
+
+    def __init__(
+        self, settings: Settings, *, only: Only | None = None, node: EdgeNode | None = None
+    ) -> None:
+        self.settings = settings
+        self.only = only
+        self.node = node or EdgeNode(settings)
+        self._own_node = node is None
+        self.health = health.HealthServicer()
+        self._server: grpc.Server | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        """``host:port`` clients connect to (valid after :meth:`start`)."""
+        return _address(self.settings.grpc.host, self.port)
+
+    def start(self) -> int:
+        """Start the node (if created here) and the server; write the port file; return the port."""
+        if self._own_node:
+            self.node.start()
+        self._server, self.port = build_server(
+            self.node, self.settings, only=self.only, health_servicer=self.health
+        )
+        self._server.start()
+        atomic_write(self.settings.port_file, f"{self.port}\n".encode("ascii"))
+        return self.port
+
+    def stop(self, grace: float | None = None) -> None:
+        """Go NOT_SERVING, wait ``drain_delay_s``, stop accepting, drain in-flight calls."""
+        if self._server is None:
+            return
+        grace = self.settings.grpc.grace_s if grace is None else grace
+        self.health.enter_graceful_shutdown()
+        logger.info("shutting down: health NOT_SERVING, draining for %.1fs", grace)
+        time.sleep(self.settings.grpc.drain_delay_s)
+        self._server.stop(grace).wait()
+        self._server = None
+        with contextlib.suppress(OSError):
+            self.settings.port_file.unlink()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server stops (or ``timeout``); True if it stopped."""
+        return self._server is None or self._server.wait_for_termination(timeout)
+
+
+def _start_agent(settings: Settings, node: EdgeNode) -> Any | None:
+    """Start the MQTT agent if ``[mqtt]`` is configured and :mod:`edge.agent` exists."""
+    mqtt = settings.mqtt
+    if mqtt is None:
+        return None
+    try:
+        from edge.agent import Agent, AgentSettings
+    except ImportError as exc:
+        logger.error("[mqtt] is configured but the MQTT agent is unavailable: %s", exc)
+        return None
+    password = None
+    if mqtt.password_file is not None:
+        password = Path(mqtt.password_file).read_text(encoding="utf-8").strip()
+    if settings.trust.signing_public_key is None:
+        raise ConfigError(["[trust] signing_public_key is required when [mqtt] is configured"])
+    agent = Agent(
+        AgentSettings(
+            device_id=settings.device.id,
+            fleet=settings.device.fleet,
+            host=mqtt.host,
+            port=mqtt.port,
+            username=mqtt.username,
+            password=password,
+            ca_file=mqtt.ca_file,
+            keepalive=mqtt.keepalive,
+            status_interval_s=mqtt.status_interval_s,
+            signing_public_key=settings.trust.signing_public_key,
+        ),
+        node,
+    )
+    agent.start()
+    return agent
+
+
+def serve(settings: Settings, *, only: Only | None = None) -> int:
+    """Run the device services until SIGTERM/SIGINT, then shut down gracefully; exit code."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logger.info("received signal %d", signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    edge_server = EdgeServer(settings, only=only)
+    agent = None
+    try:
+        port = edge_server.start()
+        agent = _start_agent(settings, edge_server.node)
+        print(READY_LINE.format(host=settings.grpc.host, port=port), flush=True)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        if agent is not None:
+            try:
+                agent.stop()
+            except Exception:
+                logger.exception("MQTT agent did not stop cleanly")
+        edge_server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``serve`` (shared by ``python -m edge.server`` and ``edgefl edge serve``)."""
+    parser.add_argument("--config", type=Path, help="settings file (TOML); EDGEFL_* overrides")
+    parser.add_argument("--only", choices=ONLY_CHOICES, help="run just this service")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load settings from ``args`` and :func:`serve`; config errors exit with code 2."""
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return serve(settings, only=args.only)
+    except (ConfigError, ValueError) as exc:  # e.g. agent settings rejected at start
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m edge.server --config FILE [--only SERVICE] [-v]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m edge.server", description=__doc__.splitlines()[0]
+    )
+    add_serve_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    args = parser.parse_args(argv)
+    level = (
+        logging.WARNING
+        if args.verbose == 0
+        else logging.INFO
+        if args.verbose == 1
+        else logging.DEBUG
+    )
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

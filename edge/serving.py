@@ -1,0 +1,155 @@
+"""The model being served, and how a new version replaces it without dropping a request.
+
+A LiteRT interpreter must not be used by two threads at once (wrong outputs, crashes),
+so a :class:`ServingModel` owns a small pool of interpreters in a queue: a request
+takes one, infers, and puts it back; at most ``pool_size`` inferences run at a time and
+the rest wait for an interpreter.
+
+:class:`Serving` holds the one ``current`` :class:`ServingModel`. A swap builds and
+warms the new model completely first (every interpreter created, weights restored, one
+inference run) and only then replaces the reference, which is a single atomic
+assignment. A request reads the reference once and keeps it, so an in-flight request
+finishes on the model it started on, and its response names that model's version.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+
+from edge.errors import InstallError, ModelNotLoaded, WeightMismatch
+from edge.litert_model import LiteRTModel, ModelContractError, WeightMismatchError
+from edge.model_card import ModelCard, ModelCardError
+from protos.codec import ModelPackage
+
+logger = logging.getLogger(__name__)
+
+
+class ServingModel:
+    """One version of the model, ready to serve: card, weights and an interpreter pool."""
+
+    def __init__(
+        self, version: int, package: ModelPackage, *, pool_size: int = 2, sha256: str = ""
+    ) -> None:
+        """Build ``pool_size`` interpreters holding the package's weights and warm them.
+
+        Raises :class:`InstallError` when the package's card, model or weights are unusable.
+        """
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be >= 1, got {pool_size}")
+        self.version = version
+        self.sha256 = sha256
+        self.package = package
+        try:
+            self.card = ModelCard.from_json(package.card_json)
+        except ModelCardError as exc:
+            raise InstallError(f"version {version}: {exc}") from exc
+        if self.card.architecture_id != package.architecture_id:
+            raise InstallError(
+                f"version {version}: package architecture {package.architecture_id!r} "
+                f"differs from its card's {self.card.architecture_id!r}"
+            )
+        self._pool: queue.Queue[LiteRTModel] = queue.Queue()
+        warm = np.zeros((1, *self.card.input_shape), dtype=np.float32)
+        for _ in range(pool_size):
+            try:
+                model = LiteRTModel(package.tflite, self.card)
+                if package.weights:
+                    model.set_weights(package.weights)
+                model.infer(warm)
+            except WeightMismatchError as exc:
+                raise InstallError(f"version {version}: {WeightMismatch.wrap(exc)}") from exc
+            except (ModelContractError, ValueError, RuntimeError) as exc:
+                raise InstallError(f"version {version}: model unusable: {exc}") from exc
+            self._pool.put(model)
+        self.pool_size = pool_size
+
+    @contextmanager
+    def _interpreter(self) -> Iterator[LiteRTModel]:
+        model = self._pool.get()
+        try:
+            yield model
+        finally:
+            self._pool.put(model)
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """Probabilities for ``x`` (``[batch, *input_shape]`` float32) on one pooled interpreter."""
+        with self._interpreter() as model:
+            return model.infer(x)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """The weights being served (copies)."""
+        with self._interpreter() as model:
+            return model.get_weights()
+
+
+class Serving:
+    """The device-wide reference to the model being served, swapped atomically."""
+
+    def __init__(self, pool_size: int = 2) -> None:
+        """Start with nothing to serve; ``pool_size`` interpreters per loaded version."""
+        self.pool_size = pool_size
+        self._current: ServingModel | None = None
+        self._swap_lock = threading.Lock()
+        self._listeners: list[Callable[[ServingModel], None]] = []
+
+    @property
+    def current(self) -> ServingModel | None:
+        """The model serving now (``None`` before the first load)."""
+        return self._current
+
+    @property
+    def version(self) -> int:
+        """The version serving now; 0 when nothing is loaded."""
+        model = self._current
+        return 0 if model is None else model.version
+
+    def require(self) -> ServingModel:
+        """The current model, or :class:`ModelNotLoaded`."""
+        model = self._current
+        if model is None:
+            raise ModelNotLoaded("no model is loaded yet; waiting for the first release")
+        return model
+
+    def add_listener(self, callback: Callable[[ServingModel], None]) -> None:
+        """Call ``callback(model)`` after every swap (from the swapping thread)."""
+        self._listeners.append(callback)
+
+    def build(self, version: int, package: ModelPackage, sha256: str = "") -> ServingModel:
+        """Build and warm a :class:`ServingModel` without serving it yet."""
+        return ServingModel(version, package, pool_size=self.pool_size, sha256=sha256)
+
+    def swap(self, model: ServingModel) -> ServingModel | None:
+        """Serve ``model`` from now on (it must be built); returns the previous one.
+
+        In-flight requests keep the model they started with.
+        """
+        with self._swap_lock:
+            previous, self._current = self._current, model
+        logger.info(
+            "serving version %d (was %s)",
+            model.version,
+            "none" if previous is None else previous.version,
+        )
+        for callback in list(self._listeners):
+            try:
+                callback(model)
+            except Exception:
+                logger.exception("serving listener failed")
+        return previous
+
+    def load(self, version: int, package: ModelPackage, sha256: str = "") -> ServingModel:
+        """Build, warm and swap to ``package`` as ``version``."""
+        model = self.build(version, package, sha256)
+        self.swap(model)
+        return model
+
+    def infer(self, x: np.ndarray) -> tuple[int, np.ndarray]:
+        """(version, probabilities) from the current model; :class:`ModelNotLoaded` if none."""
+        model = self.require()
+        return model.version, model.infer(x)

@@ -1,0 +1,270 @@
+"""``edgefl.v1.Trainer``: local training and evaluation, isolated from serving.
+
+:class:`LocalTrainer` is the domain object. It keeps its **own** LiteRT interpreter,
+built from the model being served (same flatbuffer and card) but never one of the
+serving interpreters, so training never disturbs predictions. One Fit or Evaluate runs
+at a time (a lock); the others wait.
+
+Fit: the offered weights are checked against the card first (names, shapes, dtypes →
+:class:`~edge.errors.WeightMismatch`, nothing touched), restored into the training
+interpreter, trained on **all** local samples, and returned with metrics.
+Evaluate: the offered weights are evaluated on **all** local samples (a device holds
+no separate test split; the aggregator's own held-out set is the unbiased measure).
+
+Config keys (each optional, defaults from ``[training]`` and the card): ``epochs``
+(int ≥ 0), ``batch_size`` (int, must equal the card's train batch), ``learning_rate``
+(> 0), ``proximal_mu`` (≥ 0, FedProx), ``seed`` (int). Unknown keys are rejected so a
+typo does not silently train with defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from edge.config import TrainingSettings
+from edge.errors import InvalidInput, ModelNotFound, NoLocalData, WeightMismatch, abort
+from edge.litert_model import LiteRTModel
+from edge.local_data import LocalData
+from edge.serving import Serving, ServingModel
+from protos import codec
+from protos.codec import ConfigScalar
+from protos.edgefl.v1 import trainer_pb2, trainer_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name
+CONFIG_KEYS = ("epochs", "batch_size", "learning_rate", "proximal_mu", "seed")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Validated training parameters of one Fit."""
+
+    epochs: int
+    learning_rate: float
+    proximal_mu: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """New weights, metrics (loss, accuracy, steps, seconds, examples) and example count."""
+
+    weights: dict[str, np.ndarray]
+    metrics: dict[str, float]
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    """Loss, metrics (accuracy, seconds) and example count of one evaluation."""
+
+    loss: float
+    metrics: dict[str, float]
+    num_examples: int
+
+
+class LocalTrainer:
+    """Trains and evaluates on local data with a private interpreter."""
+
+    def __init__(
+        self,
+        serving: Serving,
+        data: LocalData,
+        settings: TrainingSettings,
+        *,
+        on_fit: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> None:
+        """``on_fit(server_round, metrics)`` runs after every successful Fit."""
+        self._serving = serving
+        self._data = data
+        self._settings = settings
+        self._on_fit = on_fit
+        self._lock = threading.Lock()
+        self._model: LiteRTModel | None = None
+        self._model_key: tuple[str, str] | None = None
+        self._busy = threading.Event()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a Fit or Evaluate is running."""
+        return self._busy.is_set()
+
+    def _interpreter(self, serving: ServingModel) -> LiteRTModel:
+        key = (serving.card.architecture_id, codec.sha256_hex(serving.package.tflite))
+        if self._model is None or self._model_key != key:
+            logger.info("building the training interpreter for %s", key[0])
+            self._model = LiteRTModel(serving.package.tflite, serving.card)
+            self._model_key = key
+        return self._model
+
+    def parse_config(
+        self, config: Mapping[str, ConfigScalar], card_batch: int, card_lr: float
+    ) -> FitConfig:
+        """Validate a request's config against the known keys and the card."""
+        problems: list[str] = []
+        unknown = sorted(set(config) - set(CONFIG_KEYS))
+        if unknown:
+            problems.append(
+                f"unknown config keys: {', '.join(unknown)} (known: {', '.join(CONFIG_KEYS)})"
+            )
+
+        def integer(key: str, default: int) -> int:
+            value = config.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int):
+                problems.append(f"config {key} must be an integer, got {value!r}")
+                return default
+            return value
+
+        def number(key: str, default: float) -> float:
+            value = config.get(key, default)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
+                problems.append(f"config {key} must be a finite number, got {value!r}")
+                return default
+            return float(value)
+
+        epochs = integer("epochs", self._settings.epochs)
+        batch = integer("batch_size", self._settings.batch or card_batch)
+        lr = number("learning_rate", self._settings.learning_rate or card_lr)
+        mu = number("proximal_mu", self._settings.proximal_mu)
+        seed = integer("seed", self._settings.seed)
+        if epochs < 0:
+            problems.append(f"config epochs must be >= 0, got {epochs}")
+        if batch != card_batch:
+            problems.append(
+                f"config batch_size {batch} differs from the model's train batch {card_batch}"
+            )
+        if lr <= 0:
+            problems.append(f"config learning_rate must be > 0, got {lr}")
+        if mu < 0:
+            problems.append(f"config proximal_mu must be >= 0, got {mu}")
+        if problems:
+            raise InvalidInput("; ".join(problems))
+        return FitConfig(epochs=epochs, learning_rate=lr, proximal_mu=mu, seed=seed)
+
+    def _prepare(
+        self, weights: Mapping[str, np.ndarray]
+    ) -> tuple[ServingModel, LiteRTModel, np.ndarray, np.ndarray]:
+        serving = self._serving.require()
+        model = self._interpreter(serving)
+        problems = model.check_weights(weights)
+        if problems:
+            raise WeightMismatch(problems)
+        x, y = self._data.snapshot()
+        if len(y) == 0:
+            raise NoLocalData("no local samples stored; append samples first")
+        return serving, model, x, y
+
+    def fit(
+        self,
+        weights: Mapping[str, np.ndarray],
+        config: Mapping[str, ConfigScalar],
+        server_round: int = 0,
+    ) -> FitResult:
+        """Train ``weights`` on local data; raises InvalidInput/WeightMismatch/NoLocalData/ModelNotLoaded."""
+        with self._lock:
+            self._busy.set()
+            try:
+                serving, model, x, y = self._prepare(weights)
+                cfg = self.parse_config(
+                    config, serving.card.train_batch, serving.card.optimizer.learning_rate
+                )
+                model.set_weights(weights)
+                metrics = model.fit(
+                    x, y, epochs=cfg.epochs, lr=cfg.learning_rate, mu=cfg.proximal_mu, seed=cfg.seed
+                )
+                new_weights = model.get_weights()
+            finally:
+                self._busy.clear()
+        logger.info(
+            "fit round %d: %d examples, loss %.4f, accuracy %.3f",
+            server_round,
+            len(y),
+            metrics["loss"],
+            metrics["accuracy"],
+        )
+        if self._on_fit is not None:
+            self._on_fit(server_round, metrics)
+        return FitResult(weights=new_weights, metrics=metrics, num_examples=len(y))
+
+    def evaluate(
+        self,
+        weights: Mapping[str, np.ndarray],
+        config: Mapping[str, ConfigScalar],
+        server_round: int = 0,
+    ) -> EvaluateResult:
+        """Evaluate ``weights`` on all local samples."""
+        with self._lock:
+            self._busy.set()
+            try:
+                serving, model, x, y = self._prepare(weights)
+                self.parse_config(
+                    config, serving.card.train_batch, serving.card.optimizer.learning_rate
+                )
+                started = time.perf_counter()
+                model.set_weights(weights)
+                result = model.evaluate(x, y)
+                seconds = time.perf_counter() - started
+            finally:
+                self._busy.clear()
+        return EvaluateResult(
+            loss=result["loss"],
+            metrics={"accuracy": result["accuracy"], "seconds": seconds},
+            num_examples=len(y),
+        )
+
+
+class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
+    """Thin gRPC layer over :class:`LocalTrainer`."""
+
+    def __init__(self, trainer: LocalTrainer, model_name: str) -> None:
+        self._trainer = trainer
+        self._model_name = model_name
+
+    def _check_name(self, name: str) -> None:
+        if name and name != self._model_name:
+            raise ModelNotFound(
+                f"model {name!r} not found; this device trains {self._model_name!r}"
+            )
+
+    def Fit(
+        self, request: trainer_pb2.FitRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.FitResponse:
+        try:
+            self._check_name(request.model_name)
+            weights = codec.tensors_from_proto(request.weights)
+            config = codec.config_from_proto(request.config)
+            result = self._trainer.fit(weights, config, request.server_round)
+            return trainer_pb2.FitResponse(
+                weights=codec.tensors_to_proto(result.weights),
+                metrics=result.metrics,
+                num_examples=result.num_examples,
+            )
+        except Exception as exc:
+            abort(context, exc, "Trainer.Fit")
+
+    def Evaluate(
+        self, request: trainer_pb2.EvaluateRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.EvaluateResponse:
+        try:
+            self._check_name(request.model_name)
+            weights = codec.tensors_from_proto(request.weights)
+            config = codec.config_from_proto(request.config)
+            result = self._trainer.evaluate(weights, config, request.server_round)
+            return trainer_pb2.EvaluateResponse(
+                loss=result.loss, metrics=result.metrics, num_examples=result.num_examples
+            )
+        except Exception as exc:
+            abort(context, exc, "Trainer.Evaluate")
