@@ -132,7 +132,7 @@ class EmulatedDevice:
     def kill(self) -> None:
         """SIGKILL the device's whole process tree (power loss)."""
         if self.process is not None:
-            self.process.stop(timeout=0.1)
+            self.process.kill_tree()
 
 
 @dataclass

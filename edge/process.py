@@ -178,6 +178,17 @@ class ManagedProcess:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
 
+    def kill_tree(self) -> None:
+        """SIGKILL the process and every descendant at once: a power cut, no goodbyes."""
+        if self.proc is None:
+            return
+        self._remember_descendants()
+        for pid in [self.proc.pid, *sorted(self._descendants)]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+
     def kill(self) -> None:
         """SIGKILL the process only (simulates a crash or power loss); children untouched."""
         self._remember_descendants()

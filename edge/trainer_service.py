@@ -150,6 +150,8 @@ class LocalTrainer:
             problems.append(f"config learning_rate must be > 0, got {lr}")
         if mu < 0:
             problems.append(f"config proximal_mu must be >= 0, got {mu}")
+        if seed < 0:
+            problems.append(f"config seed must be >= 0, got {seed}")
         if problems:
             raise InvalidInput("; ".join(problems))
         return FitConfig(epochs=epochs, learning_rate=lr, proximal_mu=mu, seed=seed)

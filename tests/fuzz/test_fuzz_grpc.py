@@ -483,14 +483,15 @@ def test_fit_survivors(device: Device) -> None:
 
 
 @st.composite
-def sample_tensor(draw: st.DrawFn, role: str) -> tensor_pb2.Tensor:
-    n = draw(st.integers(0, 6))
+def sample_tensor(draw: st.DrawFn, role: str, n: int) -> tensor_pb2.Tensor:
     if role == "x":
         good_shape = [n, FEATURES]
-        good = draw(float_arrays((n, FEATURES)))
+        finite = st.floats(0, 16, width=32).map(lambda v: np.full((n, FEATURES), v, np.float32))
+        good = draw(finite if draw(st.booleans()) else float_arrays((n, FEATURES)))
     else:
         good_shape = [n]
-        good = np.asarray(draw(st.lists(st.integers(-2, 12), min_size=n, max_size=n)), np.int32)
+        labels = st.integers(0, CLASSES - 1) if draw(st.booleans()) else st.integers(-2, 12)
+        good = np.asarray(draw(st.lists(labels, min_size=n, max_size=n)), np.int32)
     tensor = codec.tensor_to_proto(role, good)
     action = draw(st.sampled_from(["keep"] * 8 + ["reshape", "dtype", "bytes", "other_int"]))
     if action == "reshape":
@@ -508,17 +509,13 @@ def sample_tensor(draw: st.DrawFn, role: str) -> tensor_pb2.Tensor:
 
 
 @fuzz(1000)
-@given(
-    st.sampled_from([True] * 9 + [False]).flatmap(
-        lambda present: sample_tensor("x") if present else st.none()
-    ),
-    st.sampled_from([True] * 9 + [False]).flatmap(
-        lambda present: sample_tensor("y") if present else st.none()
-    ),
-)
-def test_local_data_append(
-    device: Device, x: tensor_pb2.Tensor | None, y: tensor_pb2.Tensor | None
-) -> None:
+@given(st.data())
+def test_local_data_append(device: Device, data: st.DataObject) -> None:
+    n = data.draw(st.integers(0, 6), label="samples")
+    n_y = data.draw(st.sampled_from([n] * 4 + [n + 1, max(0, n - 1)]), label="labels")
+    present = st.sampled_from([True] * 9 + [False])
+    x = data.draw(sample_tensor("x", n)) if data.draw(present) else None
+    y = data.draw(sample_tensor("y", n_y)) if data.draw(present) else None
     before = device.data.Stats(local_data_pb2.StatsRequest(), timeout=30).count
     request = local_data_pb2.AppendRequest()
     if x is not None:

@@ -1,0 +1,41 @@
+"""The cloud killed mid-run and restarted resumes from the last stored version."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tests.e2e.conftest import fleet_spec, wait_for_round, wait_served
+
+pytestmark = pytest.mark.slow
+
+
+def test_cloud_restart_resumes_without_losing_or_duplicating_versions(
+    cloud_settings, stack_factory, fleet_factory
+) -> None:
+    s = cloud_settings
+    s.run = dataclasses.replace(s.run, num_rounds=3, min_nodes=2)
+    stack = stack_factory(s)
+    fleet = fleet_factory(fleet_spec(s, stack, scheme="iid"), 2)
+    stack.submit_run()
+    wait_for_round(stack, 1)
+    before = [(v.version, v.round) for v in stack.registry.list_versions()]
+    # Kill the SuperLink (and with it the ServerApp) without a clean shutdown.
+    stack.superlink.process.kill_tree()
+    stack.stop()
+
+    # Same ports, same registry, same broker data: the devices reconnect by themselves.
+    stack2 = stack_factory(s)
+    stack2.submit_run()
+    status = stack2.wait_for_run(timeout=300)
+    assert status == "finished:completed"
+
+    versions = stack2.registry.list_versions()
+    rounds = [v.round for v in versions]
+    assert rounds == sorted(set(rounds)), f"a round was registered twice: {rounds}"
+    assert rounds[-1] == 3 and set(rounds) >= {0, 1, 2, 3}
+    assert [(v.version, v.round) for v in versions][: len(before)] == before, "stored versions changed"
+    runs = stack2.registry.list_runs()
+    assert len(runs) == 1 and runs[0].status == "completed", "the run was resumed, not restarted"
+    wait_served({d.name: d.address for d in fleet.devices}, versions[-1].version, timeout=90)
