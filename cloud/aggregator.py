@@ -121,9 +121,16 @@ class Aggregator:
         """(run id, first round to run, weights to start from, parent version)."""
         latest = self.registry.latest_version()
         run = self.registry.latest_run()
-        if run is not None and run.status == "running" and latest is not None and latest.run_id == run.id:
+        if (
+            run is not None
+            and run.status == "running"
+            and latest is not None
+            and latest.run_id == run.id
+        ):
             weights = self._weights_of(latest.version)
-            logger.info("resuming run %d after round %d (version %d)", run.id, latest.round, latest.version)
+            logger.info(
+                "resuming run %d after round %d (version %d)", run.id, latest.round, latest.version
+            )
             return run.id, latest.round + 1, weights, latest.version
         if run is not None and run.status == "running":
             # A run that never released a version: close it, start afresh.
@@ -178,7 +185,11 @@ class Aggregator:
         if not unknown:
             return
         messages = [
-            Message(content=RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY, dst_node_id=n)
+            Message(
+                content=RecordDict({"config": ConfigRecord({})}),
+                message_type=MessageType.QUERY,
+                dst_node_id=n,
+            )
             for n in unknown
         ]
         for reply in grid.send_and_receive(messages, timeout=IDENTIFY_TIMEOUT_S):
@@ -218,38 +229,59 @@ class Aggregator:
         run = self.settings.run
         nodes = self._wait_for_nodes(grid)
         if not nodes:
-            logger.warning("round %d: no device connected after %.0fs; skipping", rnd, run.wait_for_nodes_s)
+            logger.warning(
+                "round %d: no device connected after %.0fs; skipping", rnd, run.wait_for_nodes_s
+            )
             self.registry.round_started(run_id, rnd, sampled=[])
-            self.registry.round_finished(run_id, rnd, aggregated_metrics={}, version=None, dropped=[])
+            self.registry.round_finished(
+                run_id, rnd, aggregated_metrics={}, version=None, dropped=[]
+            )
             return RoundOutcome(rnd, None, [], [], {})
         self._identify(grid, nodes)
         # Sample only among connected devices, never waiting for more than are there.
         self.strategy.min_train_nodes = min(run.min_nodes, len(nodes))  # type: ignore[attr-defined]
         self.strategy.min_available_nodes = min(run.min_nodes, len(nodes))  # type: ignore[attr-defined]
         config = ConfigRecord(
-            {"local-epochs": run.local_epochs, "learning-rate": run.learning_rate, "seed": run.seed + rnd}
+            {
+                "local-epochs": run.local_epochs,
+                "learning-rate": run.learning_rate,
+                "seed": run.seed + rnd,
+            }
         )
         messages = list(self.strategy.configure_train(rnd, arrays_to_record(weights), config, grid))
         sampled = {m.metadata.dst_node_id for m in messages}
         self.registry.round_started(run_id, rnd, sampled=[self.name(n) for n in sampled])
-        logger.info("round %d/%d: %d of %d devices sampled", rnd, self.num_rounds, len(sampled), len(nodes))
+        logger.info(
+            "round %d/%d: %d of %d devices sampled", rnd, self.num_rounds, len(sampled), len(nodes)
+        )
 
         replies = list(grid.send_and_receive(messages, timeout=run.round_timeout_s))
         good: list[Message] = []
         for reply in replies:
             device = self._learn_name(reply)
             if reply.has_error():
-                self.registry.round_reply(run_id, rnd, device, ok=False, error=str(reply.error.reason)[:500])
+                self.registry.round_reply(
+                    run_id, rnd, device, ok=False, error=str(reply.error.reason)[:500]
+                )
                 continue
-            metrics = {k: float(v) for k, v in reply.content["metrics"].items() if k != "num-examples"}  # type: ignore[arg-type]
+            metrics = {
+                k: float(v) for k, v in reply.content["metrics"].items() if k != "num-examples"
+            }  # type: ignore[arg-type]
             num_examples = int(reply.content["metrics"]["num-examples"])  # type: ignore[arg-type]
-            self.registry.round_reply(run_id, rnd, device, ok=True, num_examples=num_examples, metrics=metrics)
+            self.registry.round_reply(
+                run_id, rnd, device, ok=True, num_examples=num_examples, metrics=metrics
+            )
             good.append(reply)
         answered = {r.metadata.src_node_id for r in replies}
         dropped = sorted(self.name(n) for n in sampled - answered)
         replied = sorted(self.name(r.metadata.src_node_id) for r in good)
         if dropped:
-            logger.warning("round %d: no reply within %.0fs from %s", rnd, run.round_timeout_s, ", ".join(dropped))
+            logger.warning(
+                "round %d: no reply within %.0fs from %s",
+                rnd,
+                run.round_timeout_s,
+                ", ".join(dropped),
+            )
 
         agg_arrays: ArrayRecord | None = None
         agg_metrics: MetricRecord | None = None
@@ -259,13 +291,19 @@ class Aggregator:
             except Exception as exc:  # inconsistent replies: record, keep the old model
                 logger.error("round %d: aggregation failed: %s", rnd, exc)
         if agg_arrays is None:
-            self.registry.round_finished(run_id, rnd, aggregated_metrics={}, version=None, dropped=dropped)
+            self.registry.round_finished(
+                run_id, rnd, aggregated_metrics={}, version=None, dropped=dropped
+            )
             return RoundOutcome(rnd, None, replied, dropped, {})
 
         new_weights = record_to_arrays(agg_arrays)
-        metrics = {k: float(v) for k, v in (agg_metrics or {}).items() if isinstance(v, int | float)}
+        metrics = {
+            k: float(v) for k, v in (agg_metrics or {}).items() if isinstance(v, int | float)
+        }
         metrics.update(self.evaluate(new_weights))
-        self.registry.record_evaluation(run_id, rnd, {k: v for k, v in metrics.items() if k.startswith("eval-")})
+        self.registry.record_evaluation(
+            run_id, rnd, {k: v for k, v in metrics.items() if k.startswith("eval-")}
+        )
         version = release_weights(
             registry=self.registry,
             publisher=self.publisher,
@@ -277,7 +315,9 @@ class Aggregator:
             metrics=metrics,
             participants=replied,
         )
-        self.registry.round_finished(run_id, rnd, aggregated_metrics=metrics, version=version.version, dropped=dropped)
+        self.registry.round_finished(
+            run_id, rnd, aggregated_metrics=metrics, version=version.version, dropped=dropped
+        )
         logger.info(
             "round %d/%d: version %d released; accuracy %.3f",
             rnd,

@@ -31,6 +31,8 @@ def cmd_init(args: argparse.Namespace) -> int:
             hosts=args.host or None,
             force=args.force,
             model_dir=None if args.model_dir is None else Path(args.model_dir),
+            broker_port=args.broker_port,
+            superlink_port=args.superlink_port,
         )
     except CloudError as exc:
         print(f"edgefl cloud init: {exc}", file=sys.stderr)
@@ -68,7 +70,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     stack = CloudStack(settings, num_rounds=args.rounds)
     try:
         stack.start()
-        print(f"edgefl cloud up: broker {settings.broker.host}:{stack.runtime_settings.broker.port}")
+        print(
+            f"edgefl cloud up: broker {settings.broker.host}:{stack.runtime_settings.broker.port}"
+        )
         print(f"edgefl cloud up: SuperLink {stack.superlink.address}")  # type: ignore[union-attr]
         print(f"edgefl cloud up: web UI {stack.web.url}", flush=True)
         if args.no_run:
@@ -136,10 +140,14 @@ def _format_overview(o: dict[str, Any]) -> str:
     lines = [f"fleet {o.get('fleet', '?')}"]
     run = o.get("run")
     if run:
-        lines.append(f"run {run.get('id')} {run.get('status')}: round {o.get('round', {}).get('current', '?')}/{run.get('num_rounds')}")
+        lines.append(
+            f"run {run.get('id')} {run.get('status')}: round {o.get('round', {}).get('current', '?')}/{run.get('num_rounds')}"
+        )
     spread = o.get("spread")
     if spread:
-        lines.append(f"newest version on {spread.get('serving')}/{spread.get('online')} online devices")
+        lines.append(
+            f"newest version on {spread.get('serving')}/{spread.get('online')} online devices"
+        )
     return "\n".join(lines) + "\n" + json.dumps(o, indent=2)
 
 
@@ -155,7 +163,9 @@ def cmd_model_list(args: argparse.Namespace) -> int:
             acc = v.metrics.get("eval-accuracy")
             mark = " *" if current is not None and current.version == v.version else ""
             acc_text = f"{acc:.3f}" if acc is not None else "-"
-            print(f"{v.version:>7}  {v.round:>5}  {acc_text:>8}  {v.size:>8}  {v.sha256[:16]}{mark}")
+            print(
+                f"{v.version:>7}  {v.round:>5}  {acc_text:>8}  {v.size:>8}  {v.sha256[:16]}{mark}"
+            )
         if current is not None:
             print(f"* current: version {current.version}{' (pinned)' if current.pinned else ''}")
     finally:
@@ -179,7 +189,9 @@ def cmd_model_pin(args: argparse.Namespace) -> int:
         return 1
     finally:
         registry.close()
-    print(f"version {args.version} pinned for fleet {settings.cloud.fleet} (sequence {manifest.sequence})")
+    print(
+        f"version {args.version} pinned for fleet {settings.cloud.fleet} (sequence {manifest.sequence})"
+    )
     return 0
 
 
@@ -190,10 +202,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = sub.add_parser("init", help="create cloud.toml, keys and the initial model")
     p.add_argument("--dir", default=".", help="where cloud.toml and data/ go (default: .)")
     p.add_argument("--fleet", default="demo", help="fleet name (part of every MQTT topic)")
-    p.add_argument("--arch", choices=("mlp", "cnn"), default="mlp", help="model architecture for digits")
-    p.add_argument("--model-dir", help="use this built model (model.tflite + card.json) instead of building one")
-    p.add_argument("--secure", action="store_true", help="TLS, broker passwords and ACLs, SuperNode authentication")
-    p.add_argument("--host", action="append", help="host name or IP the devices use to reach the cloud (repeatable)")
+    p.add_argument(
+        "--arch", choices=("mlp", "cnn"), default="mlp", help="model architecture for digits"
+    )
+    p.add_argument(
+        "--model-dir",
+        help="use this built model (model.tflite + card.json) instead of building one",
+    )
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="TLS, broker passwords and ACLs, SuperNode authentication",
+    )
+    p.add_argument(
+        "--host",
+        action="append",
+        help="host name or IP the devices use to reach the cloud (repeatable)",
+    )
+    p.add_argument("--broker-port", type=int, help="MQTT TLS port of a secure fleet (default 8883)")
+    p.add_argument(
+        "--superlink-port", type=int, help="SuperLink port of a secure fleet (default 9092)"
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing cloud.toml")
     p.set_defaults(func=cmd_init)
 
@@ -201,7 +230,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--rounds", type=int, default=None, help="override run.num_rounds")
     p.add_argument("--no-run", action="store_true", help="start the services but submit no run")
-    p.add_argument("--exit-when-done", action="store_true", help="stop everything when the run ends")
+    p.add_argument(
+        "--exit-when-done", action="store_true", help="stop everything when the run ends"
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("status", help="the current run, rounds and fleet")

@@ -140,7 +140,9 @@ class CloudSettings:
     def validate(self) -> None:
         problems: list[str] = []
         if self.run.strategy not in STRATEGIES:
-            problems.append(f"run.strategy {self.run.strategy!r} is not one of {', '.join(STRATEGIES)}")
+            problems.append(
+                f"run.strategy {self.run.strategy!r} is not one of {', '.join(STRATEGIES)}"
+            )
         if self.run.num_rounds < 1:
             problems.append("run.num_rounds must be at least 1")
         if not 0 < self.run.fraction_train <= 1:
@@ -201,7 +203,9 @@ def _coerce(value: Any, annotation: Any, where: str, problems: list[str]) -> Any
         return None
 
 
-def from_dict(doc: dict[str, Any], *, base_dir: Path | None = None, env: dict[str, str] | None = None) -> CloudSettings:
+def from_dict(
+    doc: dict[str, Any], *, base_dir: Path | None = None, env: dict[str, str] | None = None
+) -> CloudSettings:
     """Build settings from a parsed TOML document plus ``EDGEFL_*`` overrides."""
     env = dict(os.environ) if env is None else env
     problems: list[str] = []

@@ -40,7 +40,12 @@ def run_demo(args: argparse.Namespace) -> int:
     conf = work / "cloud.toml"
     if not conf.exists():
         _print(f"==> preparing the cloud in {work} (builds the LiteRT model once)")
-        init_cloud(work, fleet="demo", arch=args.arch, model_dir=None if args.model_dir is None else Path(args.model_dir))
+        init_cloud(
+            work,
+            fleet="demo",
+            arch=args.arch,
+            model_dir=None if args.model_dir is None else Path(args.model_dir),
+        )
     settings = cloud_config.load(conf)
     settings.run = dataclasses.replace(
         settings.run, num_rounds=args.rounds, min_nodes=args.devices, wait_for_nodes_s=120.0
@@ -58,7 +63,9 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         _print("==> starting Mosquitto, the Flower SuperLink, the registry and the web UI")
         stack.start()
-        _print(f"    web UI: {stack.web.url}   (operator token in {settings.web.operator_token_file})")
+        _print(
+            f"    web UI: {stack.web.url}   (operator token in {settings.web.operator_token_file})"
+        )
         card_json = (settings.model.dir / "card.json").read_text()
         spec = FleetSpec(
             fleet=settings.cloud.fleet,
@@ -74,7 +81,9 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         fleet = EmulatedFleet(spec, work / "devices", args.devices)
         counts = fleet.prepare()
-        _print(f"==> starting {args.devices} emulated devices (digits samples per device: {counts})")
+        _print(
+            f"==> starting {args.devices} emulated devices (digits samples per device: {counts})"
+        )
         fleet.start()
         _print(f"==> running {args.rounds} federated rounds")
         stack.submit_run()
@@ -89,9 +98,13 @@ def run_demo(args: argparse.Namespace) -> int:
                     shown.add(r.round)
                     acc = r.eval_metrics.get("eval-accuracy") if r.eval_metrics else None
                     acc_text = "-" if acc is None else f"{acc:.3f}"
-                    who = f"{len(r.replied)}/{len(r.sampled)} devices" if r.round else "initial model"
+                    who = (
+                        f"{len(r.replied)}/{len(r.sampled)} devices" if r.round else "initial model"
+                    )
                     dropped = f", dropped {', '.join(r.dropped)}" if r.dropped else ""
-                    _print(f"    round {r.round:>2}/{args.rounds}: accuracy {acc_text}  ({who}{dropped}, version {r.version})")
+                    _print(
+                        f"    round {r.round:>2}/{args.rounds}: accuracy {acc_text}  ({who}{dropped}, version {r.version})"
+                    )
 
         status = stack.wait_for_run(on_progress=show, timeout=args.timeout)
         show()
@@ -107,7 +120,9 @@ def run_demo(args: argparse.Namespace) -> int:
         _print(f"    {progress_line(stack.registry, args.rounds)}")
         if latest is not None:
             spread = stack.registry.spread(latest.version)
-            _print(f"    version {latest.version} is served by {spread['serving']} of {spread['online']} online devices")
+            _print(
+                f"    version {latest.version} is served by {spread['serving']} of {spread['online']} online devices"
+            )
         _print(f"    web UI: {stack.web.url}")
         summary = _summary(stack, args, time.monotonic() - started, status)
         (work / "demo-summary.json").write_text(json.dumps(summary, indent=2))
@@ -136,15 +151,31 @@ def _summary(stack: Any, args: argparse.Namespace, seconds: float, status: str) 
         "rounds": args.rounds,
         "status": status,
         "seconds": round(seconds, 1),
-        "accuracy_per_round": {r.round: r.eval_metrics.get("eval-accuracy") for r in rounds if r.eval_metrics},
-        "newest_version": None if stack.registry.latest_version() is None else stack.registry.latest_version().version,
+        "accuracy_per_round": {
+            r.round: r.eval_metrics.get("eval-accuracy") for r in rounds if r.eval_metrics
+        },
+        "newest_version": None
+        if stack.registry.latest_version() is None
+        else stack.registry.latest_version().version,
     }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = subparsers.add_parser("demo", help="broker, cloud, emulated devices and the UI on this machine")
-    p.add_argument("--devices", type=int, default=DEFAULT_DEVICES, help=f"emulated devices (default {DEFAULT_DEVICES})")
-    p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help=f"federated rounds (default {DEFAULT_ROUNDS})")
+    p = subparsers.add_parser(
+        "demo", help="broker, cloud, emulated devices and the UI on this machine"
+    )
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=DEFAULT_DEVICES,
+        help=f"emulated devices (default {DEFAULT_DEVICES})",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=DEFAULT_ROUNDS,
+        help=f"federated rounds (default {DEFAULT_ROUNDS})",
+    )
     p.add_argument("--dir", default="demo-work", help="working directory (default ./demo-work)")
     p.add_argument("--arch", choices=("mlp", "cnn"), default="mlp")
     p.add_argument("--model-dir", help="use an already built model directory")
@@ -152,8 +183,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (default 0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="forget earlier demo runs (registry) first")
-    p.add_argument("--timeout", type=float, default=1800.0, help="give up on the run after this many seconds")
-    p.add_argument("--exit-when-done", action="store_true", help="stop everything when the run ends")
+    p.add_argument(
+        "--timeout", type=float, default=1800.0, help="give up on the run after this many seconds"
+    )
+    p.add_argument(
+        "--exit-when-done", action="store_true", help="stop everything when the run ends"
+    )
     p.set_defaults(func=lambda a: run_demo(a) if a.devices > 0 and a.rounds > 0 else _bad(a))
 
 

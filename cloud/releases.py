@@ -62,7 +62,9 @@ def base_package(model_dir: Path) -> tuple[str, bytes, str]:
 
 def package_weights(model_dir: Path, weights: Mapping[str, np.ndarray]) -> tuple[str, bytes]:
     arch, tflite, card_json = base_package(model_dir)
-    pkg = codec.ModelPackage(arch, tflite, card_json, {k: np.asarray(v) for k, v in weights.items()})
+    pkg = codec.ModelPackage(
+        arch, tflite, card_json, {k: np.asarray(v) for k, v in weights.items()}
+    )
     return arch, codec.package_to_bytes(pkg)
 
 
@@ -93,7 +95,9 @@ def release_weights(
     return version
 
 
-def publish_version(registry: Registry, publisher: Publisher, version: int, *, pinned: bool) -> codec.Manifest:
+def publish_version(
+    registry: Registry, publisher: Publisher, version: int, *, pinned: bool
+) -> codec.Manifest:
     """Publish a stored version to the fleet and record it as current."""
     v = registry.get_version(version)
     data = registry.version_bytes(version)
@@ -107,7 +111,13 @@ def publish_version(registry: Registry, publisher: Publisher, version: int, *, p
         pinned=pinned,
     )
     registry.set_current(v.version, pinned=pinned, sequence=manifest.sequence)
-    logger.info("published version %d (%s, %d bytes, sequence %d)", v.version, "pinned" if pinned else "release", len(data), manifest.sequence)
+    logger.info(
+        "published version %d (%s, %d bytes, sequence %d)",
+        v.version,
+        "pinned" if pinned else "release",
+        len(data),
+        manifest.sequence,
+    )
     return manifest
 
 

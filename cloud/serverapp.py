@@ -36,7 +36,11 @@ def main(grid: Grid, context: Context) -> None:
     try:
         with make_publisher(settings) as publisher:
             Aggregator(
-                settings, registry, publisher, num_rounds=num_rounds, flower_run_id=str(context.run_id)
+                settings,
+                registry,
+                publisher,
+                num_rounds=num_rounds,
+                flower_run_id=str(context.run_id),
             ).run(grid)
     finally:
         registry.close()

@@ -143,7 +143,11 @@ class CloudStack:
 
     def _sync_supernodes(self) -> None:
         """Register keys of devices flashed (and unregister revoked ones) while we were down."""
-        from devices.secure_fleet import SecureFleet, sync_supernode_registrations, unregister_supernode
+        from devices.secure_fleet import (
+            SecureFleet,
+            sync_supernode_registrations,
+            unregister_supernode,
+        )
 
         sf = SecureFleet.load(self.data_dir)
         link = self.superlink
@@ -213,7 +217,14 @@ class CloudStack:
         if self.num_rounds:
             run_config += f" num-rounds={self.num_rounds}"
         res = self.superlink.flwr(
-            "run", str(APP_DIR), "edgefl", "--run-config", run_config, "--format", "json", timeout=120
+            "run",
+            str(APP_DIR),
+            "edgefl",
+            "--run-config",
+            run_config,
+            "--format",
+            "json",
+            timeout=120,
         )
         try:
             doc = json.loads(res.stdout)
@@ -230,7 +241,9 @@ class CloudStack:
         """Flower's status of the submitted run: pending, starting, running, finished:…"""
         if self.superlink is None or self.flower_run_id is None:
             return "none"
-        res = self.superlink.flwr("list", "--run-id", self.flower_run_id, "edgefl", "--format", "json")
+        res = self.superlink.flwr(
+            "list", "--run-id", self.flower_run_id, "edgefl", "--format", "json"
+        )
         try:
             doc = json.loads(res.stdout)
             runs = doc.get("runs", [])
@@ -292,6 +305,8 @@ def init_cloud(
     hosts: list[str] | None = None,
     force: bool = False,
     model_dir: Path | None = None,
+    broker_port: int | None = None,
+    superlink_port: int | None = None,
 ) -> Path:
     """Create ``directory/cloud.toml`` and everything it points at; returns the file.
 
@@ -340,14 +355,25 @@ def init_cloud(
     write_initial_package(settings)
 
     if secure:
-        apply_secure_fleet(settings, hosts or ["127.0.0.1", "localhost"])
+        apply_secure_fleet(
+            settings,
+            hosts or ["127.0.0.1", "localhost"],
+            broker_port=broker_port,
+            superlink_port=superlink_port,
+        )
 
     directory.mkdir(parents=True, exist_ok=True)
     conf.write_text(cloud_config.to_toml(settings))
     return conf
 
 
-def apply_secure_fleet(settings: CloudSettings, hosts: list[str]) -> None:
+def apply_secure_fleet(
+    settings: CloudSettings,
+    hosts: list[str],
+    *,
+    broker_port: int | None = None,
+    superlink_port: int | None = None,
+) -> None:
     """Make (or complete) the fleet PKI and point ``settings`` at it.
 
     Devices carry the broker and SuperLink ports in their bundles, so a secure fleet
@@ -355,10 +381,16 @@ def apply_secure_fleet(settings: CloudSettings, hosts: list[str]) -> None:
     """
     from devices.secure_fleet import init_secure
 
+    ports: dict[str, int] = {}
+    if broker_port:
+        ports["broker_port"] = broker_port
+    if superlink_port:
+        ports["superlink_port"] = superlink_port
     sf = init_secure(
         settings.data_dir,
         fleet=settings.cloud.fleet,
         hosts=hosts,
+        **ports,
         signing_private_key=settings.signing.private_key,
         signing_public_key=settings.signing.public_key,
     )

@@ -56,6 +56,26 @@ def register(subparsers: Any) -> None:
     )
     p.set_defaults(func=_flash)
 
+    p = sub.add_parser(
+        "emulate", help="run virtual devices on this machine against a running `edgefl cloud up`"
+    )
+    p.add_argument("--config", type=Path, default=Path("cloud.toml"), help="the cloud's cloud.toml")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--count", type=int, help="N plain (loopback, no TLS) devices")
+    what.add_argument(
+        "--bundle",
+        type=Path,
+        action="append",
+        help="boot a device from this flashed bundle (repeatable)",
+    )
+    p.add_argument(
+        "--dir", type=Path, default=Path("emulated-devices"), help="where device state goes"
+    )
+    p.add_argument("--iid", action="store_true", help="IID digits partitions (default: Dirichlet)")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (default 0.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_emulate)
+
     p = sub.add_parser("revoke", help="revoke a device: broker and SuperLink refuse it from now on")
     p.add_argument("name", help="device id")
     p.add_argument(
@@ -66,6 +86,46 @@ def register(subparsers: Any) -> None:
         help="directory of cloud.toml or the secure fleet's data directory (default: .)",
     )
     p.set_defaults(func=_revoke)
+
+
+def _emulate(args: argparse.Namespace) -> int:
+    import time
+
+    from cloud import config as cloud_config
+    from devices.emulate import EmulatedFleet, FleetSpec
+
+    settings = cloud_config.load(args.config)
+    runtime = settings.data_dir / "runtime.toml"
+    if not runtime.exists():
+        print("edgefl devices emulate: start the cloud first (`edgefl cloud up`)", file=sys.stderr)
+        return 1
+    live = cloud_config.load(runtime)
+    spec = FleetSpec(
+        fleet=live.cloud.fleet,
+        broker_host=live.broker.host,
+        broker_port=live.broker.port,
+        superlink=f"{live.superlink.host}:{live.superlink.port}",
+        signing_public_key=live.signing.public_key,
+        initial_package=live.data_dir / "initial.pkg",
+        card_json=(live.model.dir / "card.json").read_text(),
+        scheme="iid" if args.iid else "dirichlet",
+        alpha=args.alpha,
+        seed=args.seed,
+    )
+    fleet = EmulatedFleet(spec, args.dir.resolve(), args.count or 0)
+    counts = fleet.from_bundles(list(args.bundle)) if args.bundle else fleet.prepare()
+    try:
+        fleet.start()
+        for device, count in zip(fleet.devices, counts, strict=True):
+            print(f"{device.name}: services on {device.address}, {count} samples", flush=True)
+        print("edgefl devices emulate: running; press Ctrl-C to stop them all", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nedgefl devices emulate: stopping", flush=True)
+        return 0
+    finally:
+        fleet.stop()
 
 
 def _profiles(args: argparse.Namespace) -> int:

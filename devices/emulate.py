@@ -9,6 +9,7 @@ plain loopback fleet.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -104,6 +105,12 @@ class EmulatedDevice:
     config: Path
     process: ManagedProcess | None = None
     address: str = ""
+    #: Environment overrides (``EDGEFL_*``) for a device booted from a flashed bundle.
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.env.get("EDGEFL_DEVICE_DATA_DIR", self.config.parent / "data"))
 
     def start(self) -> EmulatedDevice:
         log = self.config.parent / "logs" / "up.log"
@@ -112,6 +119,7 @@ class EmulatedDevice:
             f"device {self.name}",
             [sys.executable, "-m", "edge.cli", "edge", "up", "--config", str(self.config)],
             log_path=log,
+            env=self.env,
         ).start()
 
         def ready() -> bool:
@@ -142,6 +150,37 @@ class EmulatedFleet:
     count: int
     devices: list[EmulatedDevice] = field(default_factory=list)
     prefix: str = "dev"
+
+    def from_bundles(self, bundles: list[Path]) -> list[int]:
+        """Boot each device only from its flashed bundle (a ``.tar.gz`` or a directory).
+
+        A bundle names the paths of a real device (``/var/lib/edgefl``, fixed ports);
+        on one machine each emulated device gets its own data directory and free ports
+        through ``EDGEFL_*`` overrides, and nothing else changes.
+        """
+        import tarfile
+
+        self.devices = []
+        for bundle in bundles:
+            if bundle.is_dir():
+                root = bundle
+            else:
+                target = self.root / bundle.name.removesuffix(".tar.gz")
+                target.mkdir(parents=True, exist_ok=True)
+                with tarfile.open(bundle) as tar:
+                    tar.extractall(target, filter="data")
+                root = target / "edgefl"
+            config = root / "edge.toml"
+            identity = json.loads((root / "identity.json").read_text())
+            name = str(identity["device"])
+            env = {
+                "EDGEFL_DEVICE_DATA_DIR": str(self.root / name / "data"),
+                "EDGEFL_GRPC_PORT": "0",
+                "EDGEFL_FLOWER_PORT": "0",
+            }
+            self.devices.append(EmulatedDevice(name, config, env=env))
+        self.count = len(self.devices)
+        return load_partitions(self.spec, [d.data_dir for d in self.devices])
 
     def prepare(self) -> list[int]:
         names = [f"{self.prefix}-{i + 1}" for i in range(self.count)]

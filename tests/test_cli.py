@@ -23,7 +23,14 @@ def test_version() -> None:
 def test_doctor_reports_every_component_and_passes_here() -> None:
     res = run("doctor", "--role", "cloud")
     assert res.returncode == 0, res.stdout + res.stderr
-    for component in ("ai-edge-litert", "mosquitto", "flwr", "tensorflow", "disk", "grpcio-health-checking"):
+    for component in (
+        "ai-edge-litert",
+        "mosquitto",
+        "flwr",
+        "tensorflow",
+        "disk",
+        "grpcio-health-checking",
+    ):
         assert component in res.stdout
 
 
@@ -33,9 +40,16 @@ def test_doctor_fails_and_says_how_to_fix_a_missing_broker(tmp_path: Path) -> No
     # only when /usr/sbin/mosquitto is absent; otherwise check the edge role instead.
     env = dict(os.environ, PATH=str(tmp_path))
     res = subprocess.run(
-        [sys.executable, "-c", "import sys, os, edge.doctor as d; os.path.exists = lambda p: False; "
-         "from edge.cli import main; sys.exit(main(['doctor', '--role', 'cloud']))"],
-        capture_output=True, text=True, timeout=120, env=env,
+        [
+            sys.executable,
+            "-c",
+            "import sys, os, edge.doctor as d; os.path.exists = lambda p: False; "
+            "from edge.cli import main; sys.exit(main(['doctor', '--role', 'cloud']))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert res.returncode == 1, res.stdout
     assert "mosquitto" in res.stdout and "apt-get install mosquitto" in res.stdout

@@ -26,7 +26,12 @@ def cloud_settings(tmp_path: Path, mlp_model_dir: Path) -> cloud_config.CloudSet
     s.broker.port = free_port()
     s.superlink.port = free_port()
     s.run = dataclasses.replace(
-        s.run, num_rounds=3, min_nodes=1, wait_for_nodes_s=60.0, round_timeout_s=60.0, local_epochs=3
+        s.run,
+        num_rounds=3,
+        min_nodes=1,
+        wait_for_nodes_s=60.0,
+        round_timeout_s=60.0,
+        local_epochs=3,
     )
     return s
 
@@ -48,7 +53,9 @@ def stack_factory() -> Iterator[StackFactory]:
         stack.stop()
 
 
-def fleet_spec(settings: cloud_config.CloudSettings, stack: CloudStack, **kwargs: object) -> FleetSpec:
+def fleet_spec(
+    settings: cloud_config.CloudSettings, stack: CloudStack, **kwargs: object
+) -> FleetSpec:
     return FleetSpec(
         fleet=settings.cloud.fleet,
         broker_host=settings.broker.host,
@@ -65,7 +72,9 @@ def fleet_spec(settings: cloud_config.CloudSettings, stack: CloudStack, **kwargs
 def fleet_factory(tmp_path: Path) -> Iterator[Callable[..., EmulatedFleet]]:
     fleets: list[EmulatedFleet] = []
 
-    def make(spec: FleetSpec, count: int, *, prefix: str = "dev", start: bool = True) -> EmulatedFleet:
+    def make(
+        spec: FleetSpec, count: int, *, prefix: str = "dev", start: bool = True
+    ) -> EmulatedFleet:
         fleet = EmulatedFleet(spec, tmp_path / f"devices-{prefix}", count, prefix=prefix)
         fleets.append(fleet)
         fleet.prepare()
@@ -103,7 +112,9 @@ def wait_for_round(stack: CloudStack, round_: int, timeout: float = 180.0) -> No
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         run = stack.registry.latest_run()
-        if run is not None and any(r.round == round_ and r.finished for r in stack.registry.list_rounds(run.id)):
+        if run is not None and any(
+            r.round == round_ and r.finished for r in stack.registry.list_rounds(run.id)
+        ):
             return
         time.sleep(0.5)
     raise AssertionError(f"round {round_} did not finish in {timeout:.0f}s")

@@ -35,7 +35,9 @@ def test_cloud_restart_resumes_without_losing_or_duplicating_versions(
     rounds = [v.round for v in versions]
     assert rounds == sorted(set(rounds)), f"a round was registered twice: {rounds}"
     assert rounds[-1] == 3 and set(rounds) >= {0, 1, 2, 3}
-    assert [(v.version, v.round) for v in versions][: len(before)] == before, "stored versions changed"
+    assert [(v.version, v.round) for v in versions][: len(before)] == before, (
+        "stored versions changed"
+    )
     runs = stack2.registry.list_runs()
     assert len(runs) == 1 and runs[0].status == "completed", "the run was resumed, not restarted"
     wait_served({d.name: d.address for d in fleet.devices}, versions[-1].version, timeout=90)

@@ -63,7 +63,9 @@ def test_every_device_serves_the_final_model_including_unsampled_and_offline_one
     assert stack.registry.current().pinned
 
 
-def test_a_killed_device_does_not_stall_the_run(cloud_settings, stack_factory, fleet_factory) -> None:
+def test_a_killed_device_does_not_stall_the_run(
+    cloud_settings, stack_factory, fleet_factory
+) -> None:
     s = cloud_settings
     s.run = dataclasses.replace(s.run, num_rounds=2, min_nodes=3, round_timeout_s=25.0)
     stack = stack_factory(s)
@@ -75,7 +77,7 @@ def test_a_killed_device_does_not_stall_the_run(cloud_settings, stack_factory, f
     status = stack.wait_for_run(timeout=300)
     assert status == "finished:completed"
     run = stack.registry.latest_run()
-    last = [r for r in stack.registry.list_rounds(run.id) if r.round == 2][0]
+    last = next(r for r in stack.registry.list_rounds(run.id) if r.round == 2)
     assert last.version is not None, "the round completed without the dead device"
     assert victim.name not in last.replied
     survivors = {d.name: d.address for d in fleet.devices[1:]}

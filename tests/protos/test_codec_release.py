@@ -14,7 +14,9 @@ from protos.edgefl.v1 import release_pb2
 from protos.errors import ManifestError, PackageError, StatusError
 
 
-def make_manifest(data: bytes = b"x" * 1000, chunk_size: int = 300, **overrides: object) -> codec.Manifest:
+def make_manifest(
+    data: bytes = b"x" * 1000, chunk_size: int = 300, **overrides: object
+) -> codec.Manifest:
     chunks = codec.split_chunks(data, chunk_size if chunk_size > 0 else 300)
     fields: dict[str, object] = dict(
         fleet="fleet-a",
@@ -46,7 +48,11 @@ def manifests(draw: st.DrawFn) -> codec.Manifest:
         version=version,
         parent_version=draw(st.integers(0, version - 1)),
         round=draw(st.integers(0, 10**6)),
-        metrics=draw(st.dictionaries(st.text(max_size=8), st.floats(allow_nan=False, allow_infinity=False), max_size=4)),
+        metrics=draw(
+            st.dictionaries(
+                st.text(max_size=8), st.floats(allow_nan=False, allow_infinity=False), max_size=4
+            )
+        ),
         pinned=draw(st.booleans()),
         sequence=draw(st.integers(0, 2**62)),
     )
@@ -91,7 +97,9 @@ def test_key_files_round_trip_and_private_key_is_0600(tmp_path) -> None:
     signing.write_public_key(key.public_key(), tmp_path / "k.pub")
     assert (tmp_path / "k.pem").stat().st_mode & 0o777 == 0o600
     loaded = signing.load_private_key(tmp_path / "k.pem")
-    assert signing.key_id(loaded.public_key()) == signing.key_id(signing.load_public_key(tmp_path / "k.pub"))
+    assert signing.key_id(loaded.public_key()) == signing.key_id(
+        signing.load_public_key(tmp_path / "k.pub")
+    )
 
 
 @pytest.mark.parametrize(
@@ -108,7 +116,9 @@ def test_key_files_round_trip_and_private_key_is_0600(tmp_path) -> None:
         ({"created_at_ms": 0}, "created_at_ms"),
     ],
 )
-def test_invalid_manifests_are_rejected_naming_the_problem(overrides: dict[str, object], pattern: str) -> None:
+def test_invalid_manifests_are_rejected_naming_the_problem(
+    overrides: dict[str, object], pattern: str
+) -> None:
     bad = make_manifest(**overrides)
     with pytest.raises(ManifestError, match=pattern):
         codec.manifest_from_bytes(codec.manifest_to_bytes(bad))
@@ -118,7 +128,12 @@ def test_all_manifest_problems_are_reported_at_once() -> None:
     with pytest.raises(ManifestError) as info:
         codec.manifest_from_bytes(release_pb2.ReleaseManifest().SerializeToString())
     message = str(info.value)
-    for expected in ("fleet is empty", "version must be positive", "architecture_id is empty", "chunk_size"):
+    for expected in (
+        "fleet is empty",
+        "version must be positive",
+        "architecture_id is empty",
+        "chunk_size",
+    ):
         assert expected in message
 
 
@@ -133,7 +148,11 @@ def test_package_round_trip_is_deterministic() -> None:
     weights = {"b": np.arange(3, dtype=np.float32), "a": np.ones((2, 2), np.float32)}
     pkg = codec.ModelPackage("arch-1", b"TFL3...", '{"format": "x"}', weights)
     data = codec.package_to_bytes(pkg)
-    assert data == codec.package_to_bytes(codec.ModelPackage("arch-1", b"TFL3...", '{"format": "x"}', dict(reversed(list(weights.items())))))
+    assert data == codec.package_to_bytes(
+        codec.ModelPackage(
+            "arch-1", b"TFL3...", '{"format": "x"}', dict(reversed(list(weights.items())))
+        )
+    )
     back = codec.package_from_bytes(data)
     assert back.architecture_id == "arch-1" and back.tflite == b"TFL3..."
     assert set(back.weights) == {"a", "b"}
@@ -145,15 +164,24 @@ def test_package_missing_fields_and_garbage_are_rejected() -> None:
         codec.package_from_bytes(b"")
     with pytest.raises(PackageError, match="not a valid protobuf"):
         codec.package_from_bytes(b"\xff\xff\xff\xff")
-    bad_card = release_pb2.ModelPackage(architecture_id="a", tflite=b"t", card_json="{not json").SerializeToString()
+    bad_card = release_pb2.ModelPackage(
+        architecture_id="a", tflite=b"t", card_json="{not json"
+    ).SerializeToString()
     with pytest.raises(PackageError, match="card is not JSON"):
         codec.package_from_bytes(bad_card)
 
 
 def test_status_round_trip_and_validation() -> None:
     s = codec.DeviceStatus(
-        device_id="dev-1", fleet="f", serving_version=4, state="TRAINING", timestamp_ms=5,
-        sample_count=100, rss_bytes=1 << 20, last_metrics={"accuracy": 0.5}, profile="rpi4",
+        device_id="dev-1",
+        fleet="f",
+        serving_version=4,
+        state="TRAINING",
+        timestamp_ms=5,
+        sample_count=100,
+        rss_bytes=1 << 20,
+        last_metrics={"accuracy": 0.5},
+        profile="rpi4",
     )
     assert codec.status_from_bytes(codec.status_to_bytes(s)) == s
     with pytest.raises(StatusError, match="device_id is empty"):

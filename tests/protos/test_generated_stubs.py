@@ -17,9 +17,13 @@ def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
         timeout=120,
     )
     assert res.returncode == 0, res.stderr
-    generated = sorted(p.relative_to(tmp_path) for p in (tmp_path / "protos").rglob("*") if p.is_file())
+    generated = sorted(
+        p.relative_to(tmp_path) for p in (tmp_path / "protos").rglob("*") if p.is_file()
+    )
     assert generated, "the generator produced nothing"
-    stale = [str(rel) for rel in generated if (ROOT / rel).read_bytes() != (tmp_path / rel).read_bytes()]
+    stale = [
+        str(rel) for rel in generated if (ROOT / rel).read_bytes() != (tmp_path / rel).read_bytes()
+    ]
     assert not stale, f"stale generated files (run scripts/gen_protos.py): {stale}"
     committed = sorted(
         p.relative_to(ROOT)

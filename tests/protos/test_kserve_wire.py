@@ -43,20 +43,30 @@ DESCRIBE = textwrap.dedent(
 )
 
 MESSAGES = [
-    "inference.ServerLiveRequest", "inference.ServerLiveResponse",
-    "inference.ServerReadyRequest", "inference.ServerReadyResponse",
-    "inference.ModelReadyRequest", "inference.ModelReadyResponse",
-    "inference.ServerMetadataRequest", "inference.ServerMetadataResponse",
-    "inference.ModelMetadataRequest", "inference.ModelMetadataResponse",
-    "inference.ModelInferRequest", "inference.ModelInferResponse",
-    "inference.InferParameter", "inference.InferTensorContents",
+    "inference.ServerLiveRequest",
+    "inference.ServerLiveResponse",
+    "inference.ServerReadyRequest",
+    "inference.ServerReadyResponse",
+    "inference.ModelReadyRequest",
+    "inference.ModelReadyResponse",
+    "inference.ServerMetadataRequest",
+    "inference.ServerMetadataResponse",
+    "inference.ModelMetadataRequest",
+    "inference.ModelMetadataResponse",
+    "inference.ModelInferRequest",
+    "inference.ModelInferResponse",
+    "inference.InferParameter",
+    "inference.InferTensorContents",
 ]
 
 
 def describe(module: str) -> dict[str, dict[str, list[object]]]:
     res = subprocess.run(
         [sys.executable, "-c", DESCRIBE, module, json.dumps(MESSAGES)],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
     )
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
@@ -70,7 +80,9 @@ def test_messages_and_service_match_tritonclient() -> None:
             continue
         assert name in theirs, f"{name} missing from the published protocol"
         for field, spec in ours[name].items():
-            assert theirs[name].get(field) == spec, f"{name}.{field}: ours {spec}, published {theirs[name].get(field)}"
+            assert theirs[name].get(field) == spec, (
+                f"{name}.{field}: ours {spec}, published {theirs[name].get(field)}"
+            )
     # Every field the published protocol has on these messages, we have too
     # (Triton-only extensions live in other messages).
     for name, fields in theirs.items():
@@ -114,7 +126,11 @@ STUB_SERVER = textwrap.dedent(
 def test_tritonclient_talks_to_our_stub_servicer() -> None:
     pytest.importorskip  # noqa: B018 - tritonclient is a dev dependency, always present
     server = subprocess.Popen(
-        [sys.executable, "-c", STUB_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
+        [sys.executable, "-c", STUB_SERVER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
     )
     try:
         assert server.stdout is not None
@@ -135,7 +151,9 @@ def test_tritonclient_talks_to_our_stub_servicer() -> None:
             print("ok")
             """
         )
-        res = subprocess.run([sys.executable, "-c", client], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        res = subprocess.run(
+            [sys.executable, "-c", client], capture_output=True, text=True, timeout=60, cwd=ROOT
+        )
         assert res.returncode == 0, res.stderr
         assert res.stdout.strip() == "ok"
     finally:
