@@ -33,6 +33,7 @@ from benchmarks.common import (
 BENCHMARKS: dict[str, str] = {
     "inference": "benchmarks.bench_inference",
     "fanout": "benchmarks.bench_fanout",
+    "learning": "benchmarks.bench_learning",
 }
 """Output name → module; each module writes ``<out>/<name>.json``."""
 
@@ -40,14 +41,6 @@ NOT_MEASURED: dict[str, str] = {
     "Round overhead (issue 4)": (
         "Our round time next to a bare Flower app doing the same numpy training "
         "in-process: **not measured yet** (benchmarks/bench_rounds.py is still to be written)."
-    ),
-    "Learning quality (issue 4)": (
-        "Digits, 5 devices, Dirichlet alpha=0.5, accuracy per round (aim ≥ 0.93 by round 10): "
-        "**not measured yet** by this harness."
-    ),
-    "Demo wall time (issue 7)": (
-        "5 devices x 10 rounds of `edgefl demo` in under 5 minutes: **not measured yet** "
-        "by this harness."
     ),
 }
 """Figures the issues ask for that no benchmark measures yet (listed, never hidden)."""

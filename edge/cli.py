@@ -16,15 +16,17 @@ import signal
 import sys
 from collections.abc import Sequence
 
-#: Modules that add subcommands, in the order they appear in ``--help``.
-COMMAND_MODULES = (
-    "edge.doctor",
-    "edge.commands",
-    "cloud.commands",
-    "cloud.authoring.commands",
-    "devices.commands",
-    "cloud.demo",
-)
+#: The module that adds each top-level command, in the order of ``--help``. Only the
+#: module of the command being run is imported (a device running ``edgefl edge serve``
+#: loads none of the cloud's command modules).
+COMMAND_MODULES = {
+    "doctor": "edge.doctor",
+    "edge": "edge.commands",
+    "cloud": "cloud.commands",
+    "model": "cloud.authoring.commands",
+    "devices": "devices.commands",
+    "demo": "cloud.demo",
+}
 
 
 def version() -> str:
@@ -37,7 +39,7 @@ def version() -> str:
         return "0+unknown"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgefl",
         description="Edge-cloud federated learning: LiteRT on devices, Flower in the cloud, "
@@ -48,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    names = [COMMAND_MODULES[command]] if command in COMMAND_MODULES else COMMAND_MODULES.values()
+    for name in names:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -73,7 +76,9 @@ def _raise_interrupt(_signum: int, _frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
     # SIGTERM (systemd, kill, CI) unwinds like Ctrl-C so that every `finally` runs and

@@ -70,15 +70,27 @@
     return Math.floor(seconds / 60) + " min " + Math.round(seconds % 60) + " s";
   }
 
-  /** A metric by name, accepting the usual prefixes (train_, eval_, test_) and "acc". */
+  /** A metric by name, accepting the usual prefixes (eval-, train-, test-, with "-" as
+   * Flower's records write them or "_") and "acc". */
   function metric(metrics, name) {
     if (!metrics) return null;
-    const names = [name, "train_" + name, "eval_" + name, "test_" + name];
+    const names = [name];
+    for (const prefix of ["eval", "train", "test"]) names.push(prefix + "-" + name, prefix + "_" + name);
     if (name === "accuracy") names.push("acc");
     for (const candidate of names) {
       if (typeof metrics[candidate] === "number") return metrics[candidate];
     }
     return null;
+  }
+
+  /** A training metric: train-/train_ first, so that an aggregate that also carries the
+   * server's evaluation (eval-…) still shows the devices' own figure. */
+  function trainMetric(metrics, name) {
+    if (!metrics) return null;
+    for (const candidate of ["train-" + name, "train_" + name]) {
+      if (typeof metrics[candidate] === "number") return metrics[candidate];
+    }
+    return metric(metrics, name);
   }
 
   function metricsText(metrics) {
@@ -170,7 +182,7 @@
     const m = o.latest_metrics;
     $("metric-accuracy").textContent = m ? pct(metric(m.evaluation, "accuracy") ?? metric(m.aggregated, "accuracy")) : "–";
     $("metric-loss").textContent = m ? fmt(metric(m.evaluation, "loss")) : "–";
-    $("metric-train-loss").textContent = m ? fmt(metric(m.aggregated, "loss")) : "–";
+    $("metric-train-loss").textContent = m ? fmt(trainMetric(m.aggregated, "loss")) : "–";
     $("metrics-meta").textContent = m ? "after round " + m.round : "No metrics yet.";
 
     const v = o.newest_version;
@@ -197,10 +209,10 @@
     for (const r of rounds) {
       const t = metric(r.eval_metrics, name);
       if (t !== null) test.push([r.round, t]);
-      const a = metric(r.aggregated_metrics, name);
+      const a = trainMetric(r.aggregated_metrics, name);
       if (a !== null) train.push([r.round, a]);
       for (const reply of r.replies) {
-        const d = reply.ok ? metric(reply.metrics, name) : null;
+        const d = reply.ok ? trainMetric(reply.metrics, name) : null;
         if (d === null) continue;
         if (!perDevice.has(reply.device_id)) perDevice.set(reply.device_id, []);
         perDevice.get(reply.device_id).push([r.round, d]);
@@ -299,7 +311,7 @@
         el("td", {}, el("span", { className: "badge " + (status === "done" ? "completed" : status === "running" ? "running" : ""), text: status })),
         el("td", { className: "num", text: r.round === 0 ? "–" : r.replied.length + " / " + r.sampled.length }),
         el("td", { text: lost.length ? lost.join(", ") : "–" }),
-        el("td", { className: "num", text: fmt(metric(r.aggregated_metrics, "loss")) }),
+        el("td", { className: "num", text: fmt(trainMetric(r.aggregated_metrics, "loss")) }),
         el("td", { className: "num", text: pct(metric(r.eval_metrics, "accuracy")) }),
         el("td", { className: "num", text: fmt(metric(r.eval_metrics, "loss")) }),
         el("td", { className: "num", text: duration(r.duration) }),
