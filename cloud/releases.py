@@ -123,5 +123,6 @@ def publish_version(
 
 def pin_version(settings: CloudSettings, registry: Registry, version: int) -> codec.Manifest:
     """Roll the fleet back (or forward) to a stored version."""
+    registry.get_version(version)  # NotFoundError before touching the broker
     with make_publisher(settings) as publisher:
         return publish_version(registry, publisher, version, pinned=True)
