@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, str] = {
     "inference": "benchmarks.bench_inference",
     "fanout": "benchmarks.bench_fanout",
     "learning": "benchmarks.bench_learning",
+    "soak": "benchmarks.bench_soak",
 }
 """Output name → module; each module writes ``<out>/<name>.json``."""
 

@@ -181,6 +181,9 @@ class Broker:
             log_path=self.config.data_dir / "stdout.log",
         ).start()
         try:
+            # Something listening is not enough: another process may hold the port while
+            # our Mosquitto exits with "Address already in use". Wait for it to say it runs.
+            self.process.wait_until(self._running, timeout=timeout, what="running")
             self.process.wait_for_port(self.config.host, self.config.port, timeout=timeout)
         except ProcessError as exc:
             log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -188,6 +191,13 @@ class Broker:
             raise BrokerError(f"{exc}\n{log[-2000:]}") from exc
         logger.info("mosquitto listening on %s:%d (pid %d)", self.host, self.port, self.process.pid)
         return self
+
+    def _running(self) -> bool:
+        try:
+            log = self.log_path.read_text(errors="replace")
+        except OSError:
+            return False
+        return f"port {self.config.port}" in log and " running" in log
 
     def reload(self) -> None:
         """SIGHUP: Mosquitto rereads its password and ACL files; clients stay connected."""

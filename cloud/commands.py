@@ -195,6 +195,24 @@ def cmd_model_pin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clean_errors(func: Any) -> Any:
+    """Turn the errors an operator can fix into one clear line instead of a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        from cloud.broker import BrokerError
+        from cloud.config import ConfigError
+        from cloud.supervisor import CloudError
+        from edge.flower_node import FlowerError
+
+        try:
+            return int(func(args))
+        except (BrokerError, ConfigError, CloudError, FlowerError, OSError) as exc:
+            print(f"edgefl cloud {args.cloud_command}: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     cloud = subparsers.add_parser("cloud", help="the aggregator: init, up, status, models")
     sub = cloud.add_subparsers(dest="cloud_command", metavar="COMMAND", required=True)
@@ -224,7 +242,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--superlink-port", type=int, help="SuperLink port of a secure fleet (default 9092)"
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing cloud.toml")
-    p.set_defaults(func=cmd_init)
+    p.set_defaults(func=_clean_errors(cmd_init))
 
     p = sub.add_parser("up", help="start broker, SuperLink, registry, UI and the federated run")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
@@ -233,19 +251,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument(
         "--exit-when-done", action="store_true", help="stop everything when the run ends"
     )
-    p.set_defaults(func=cmd_up)
+    p.set_defaults(func=_clean_errors(cmd_up))
 
     p = sub.add_parser("status", help="the current run, rounds and fleet")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_status)
+    p.set_defaults(func=_clean_errors(cmd_status))
 
     model = sub.add_parser("model", help="list and pin model versions")
     msub = model.add_subparsers(dest="model_command", metavar="COMMAND", required=True)
     p = msub.add_parser("list", help="every stored version with its metrics")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
-    p.set_defaults(func=cmd_model_list)
+    p.set_defaults(func=_clean_errors(cmd_model_list))
     p = msub.add_parser("pin", help="make the whole fleet serve VERSION (rollback or forward)")
     p.add_argument("version", type=int)
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
-    p.set_defaults(func=cmd_model_pin)
+    p.set_defaults(func=_clean_errors(cmd_model_pin))

@@ -34,6 +34,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from cloud.commands import progress_line
     from cloud.supervisor import CloudStack, init_cloud, read_token
     from devices.emulate import EmulatedFleet, FleetSpec
+    from edge.process import connect_host
 
     work = Path(args.dir).resolve()
     started = time.monotonic()
@@ -69,7 +70,7 @@ def run_demo(args: argparse.Namespace) -> int:
         card_json = (settings.model.dir / "card.json").read_text()
         spec = FleetSpec(
             fleet=settings.cloud.fleet,
-            broker_host=settings.broker.host,
+            broker_host=connect_host(settings.broker.host),
             broker_port=stack.runtime_settings.broker.port,
             superlink=stack.superlink.address,  # type: ignore[union-attr]
             signing_public_key=settings.signing.public_key,

@@ -16,6 +16,7 @@ import numpy as np
 from cloud.config import CloudSettings
 from cloud.publisher import Publisher
 from cloud.registry import ModelVersion, Registry
+from edge.process import connect_host
 from protos import codec, signing
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def broker_endpoint(settings: CloudSettings) -> tuple[str, int]:
                 "broker.port is 0 and no running broker wrote its port: start `edgefl cloud up` first"
             )
         port = int(port_file.read_text().strip())
-    return settings.broker.host, port
+    return connect_host(settings.broker.host), port
 
 
 def make_publisher(settings: CloudSettings) -> Publisher:

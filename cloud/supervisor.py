@@ -22,7 +22,7 @@ from cloud import config as cloud_config
 from cloud.broker import Broker, BrokerConfig
 from cloud.config import CloudSettings
 from edge.flower_node import FlowerError, SuperLink, SuperLinkTLS
-from edge.process import free_port
+from edge.process import connect_host, free_port
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class CloudStack:
                 logger.exception("could not record an event of %s", event.device_id)
 
         self.monitor = FleetMonitor(
-            host=s.broker.host,
+            host=connect_host(s.broker.host),
             port=broker_port,
             fleet=s.cloud.fleet,
             on_status=on_status,

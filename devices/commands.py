@@ -93,6 +93,7 @@ def _emulate(args: argparse.Namespace) -> int:
 
     from cloud import config as cloud_config
     from devices.emulate import EmulatedFleet, FleetSpec
+    from edge.process import connect_host
 
     settings = cloud_config.load(args.config)
     runtime = settings.data_dir / "runtime.toml"
@@ -102,9 +103,9 @@ def _emulate(args: argparse.Namespace) -> int:
     live = cloud_config.load(runtime)
     spec = FleetSpec(
         fleet=live.cloud.fleet,
-        broker_host=live.broker.host,
+        broker_host=connect_host(live.broker.host),
         broker_port=live.broker.port,
-        superlink=f"{live.superlink.host}:{live.superlink.port}",
+        superlink=f"{connect_host(live.superlink.host)}:{live.superlink.port}",
         signing_public_key=live.signing.public_key,
         initial_package=live.data_dir / "initial.pkg",
         card_json=(live.model.dir / "card.json").read_text(),

@@ -61,10 +61,15 @@ def register(subparsers: Any) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from edge.server import run_serve
+    from edge.errors import ConfigError
+    from edge.server import BindError, run_serve
 
     args.config = Path(args.config) if args.config else None
-    return run_serve(args)
+    try:
+        return run_serve(args)
+    except (BindError, ConfigError) as exc:
+        print(f"edgefl edge serve: {exc}", file=sys.stderr)
+        return 2
 
 
 def _run_up(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge.process import ManagedProcess, ProcessError, free_port, tool_env
+from edge.process import ManagedProcess, ProcessError, connect_host, free_port, tool_env
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,9 @@ class SuperLink:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        """Where local clients (flwr CLI, SuperNodes on this host) reach the SuperLink."""
+        host = connect_host(self.host)
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     @property
     def flwr_home(self) -> Path:

@@ -34,9 +34,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def connect_host(host: str) -> str:
+    """The address to connect to for a server bound to ``host``.
+
+    A server listening on every interface (``0.0.0.0`` / ``::``) is reached locally
+    through loopback, which the fleet's certificates always cover.
+    """
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
     try:
-        with socket.create_connection((host, port), timeout=timeout):
+        with socket.create_connection((connect_host(host), port), timeout=timeout):
             return True
     except OSError:
         return False

@@ -54,6 +54,10 @@ READY_LINE = "edgefl edge: serving on {host}:{port}"
 _NEEDS_MODEL = (inference_service.SERVICE_NAME, trainer_service.SERVICE_NAME)
 
 
+class BindError(RuntimeError):
+    """The gRPC server could not bind its address."""
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -116,9 +120,16 @@ def build_server(
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(_address(cfg.host, cfg.port))
+    try:
+        port = server.add_insecure_port(_address(cfg.host, cfg.port))
+    except RuntimeError as exc:  # grpcio raises on a port in use
+        port = 0
+        logger.debug("bind failed: %s", exc)
     if port == 0:
-        raise RuntimeError(f"cannot bind gRPC server to {_address(cfg.host, cfg.port)}")
+        raise BindError(
+            f"cannot bind the gRPC services to {_address(cfg.host, cfg.port)}: the port is in use "
+            "or the address is not on this host (set [grpc] port = 0 for a free port)"
+        )
     logger.info("gRPC services %s bound to %s", ", ".join(names), _address(cfg.host, port))
     return server, port
 

@@ -13,7 +13,7 @@ import pytest
 from cloud import config as cloud_config
 from cloud.supervisor import CloudStack, init_cloud
 from devices.emulate import EmulatedFleet, FleetSpec
-from edge.process import free_port
+from edge.process import connect_host, free_port
 from protos.kserve import grpc_predict_v2_pb2 as kserve_pb2
 from protos.kserve import grpc_predict_v2_pb2_grpc as kserve_grpc
 
@@ -58,7 +58,7 @@ def fleet_spec(
 ) -> FleetSpec:
     return FleetSpec(
         fleet=settings.cloud.fleet,
-        broker_host=settings.broker.host,
+        broker_host=connect_host(settings.broker.host),
         broker_port=stack.runtime_settings.broker.port,
         superlink=stack.superlink.address,  # type: ignore[union-attr]
         signing_public_key=settings.signing.public_key,

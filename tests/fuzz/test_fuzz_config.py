@@ -7,7 +7,7 @@ bytes. Each goes through the real loader from a real file: :func:`edge.config.lo
 and :func:`cloud.config.load`. The only acceptable failure is the loader's
 ``ConfigError`` naming at least one problem; any other exception is a bug.
 
-Case counts: 2 × 600 generated documents + 2 × 250 mutated files + 2 × 200 raw files
+Case counts: 2 x 600 generated documents + 2 x 250 mutated files + 2 x 200 raw files
 + 300 environment overrides (≈ 2,400 cases; ~15 s on 2 cores).
 """
 

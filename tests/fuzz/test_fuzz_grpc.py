@@ -32,8 +32,13 @@ from edge.config import load_settings
 from edge.node import EdgeNode
 from edge.server import build_server
 from protos import codec
-from protos.edgefl.v1 import local_data_pb2, local_data_pb2_grpc, tensor_pb2, trainer_pb2
-from protos.edgefl.v1 import trainer_pb2_grpc
+from protos.edgefl.v1 import (
+    local_data_pb2,
+    local_data_pb2_grpc,
+    tensor_pb2,
+    trainer_pb2,
+    trainer_pb2_grpc,
+)
 from protos.kserve import grpc_predict_v2_pb2 as kpb
 from protos.kserve import grpc_predict_v2_pb2_grpc as kgrpc
 from tests.edge.helpers import device_config, make_package, model_weights
@@ -374,15 +379,13 @@ def weight_tensors(draw: st.DrawFn, genuine: dict[str, np.ndarray]) -> list[tens
         )
         if action == "drop":
             continue
-        values = draw(
-            st.one_of(
-                st.just(w),
-                st.floats(-3, 3, width=32).map(lambda v, w=w: np.full(w.shape, v, np.float32)),
-                st.sampled_from([np.nan, np.inf, 1e30]).map(
-                    lambda v, w=w: np.full(w.shape, v, np.float32)
-                ),
-            )
-        )
+        fill = draw(st.sampled_from(["keep", "keep", "constant", "special"]))
+        if fill == "constant":
+            values = np.full(w.shape, draw(st.floats(-3, 3, width=32)), np.float32)
+        elif fill == "special":
+            values = np.full(w.shape, draw(st.sampled_from([np.nan, np.inf, 1e30])), np.float32)
+        else:
+            values = w
         tensor = codec.tensor_to_proto(name, values)
         if action == "rename":
             tensor.name = draw(names)
