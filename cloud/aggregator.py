@@ -264,10 +264,13 @@ class Aggregator:
                     run_id, rnd, device, ok=False, error=str(reply.error.reason)[:500]
                 )
                 continue
+            record = reply.content.metric_records["metrics"]
             metrics = {
-                k: float(v) for k, v in reply.content["metrics"].items() if k != "num-examples"
-            }  # type: ignore[arg-type]
-            num_examples = int(reply.content["metrics"]["num-examples"])  # type: ignore[arg-type]
+                k: float(v)
+                for k, v in record.items()
+                if k != "num-examples" and isinstance(v, int | float)
+            }
+            num_examples = int(record["num-examples"])  # type: ignore[arg-type]
             self.registry.round_reply(
                 run_id, rnd, device, ok=True, num_examples=num_examples, metrics=metrics
             )
