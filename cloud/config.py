@@ -178,6 +178,8 @@ def _coerce(value: Any, annotation: Any, where: str, problems: list[str]) -> Any
         return None
     try:
         if "Path" in text:
+            if "\0" in str(value):
+                raise ValueError(value)
             return Path(str(value))
         if annotation is bool or text == "bool":
             if isinstance(value, str):
@@ -190,7 +192,7 @@ def _coerce(value: Any, annotation: Any, where: str, problems: list[str]) -> Any
                 raise ValueError(value)
             return value
         if annotation is int or text == "int":
-            if isinstance(value, bool):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
             return int(value)
         if annotation is float or text == "float":
@@ -198,7 +200,7 @@ def _coerce(value: Any, annotation: Any, where: str, problems: list[str]) -> Any
                 raise ValueError(value)
             return float(value)
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         problems.append(f"{where}: {value!r} is not a valid {text.replace('pathlib.', '')}")
         return None
 
@@ -257,7 +259,7 @@ def load(path: Path, *, env: dict[str, str] | None = None) -> CloudSettings:
         doc = tomllib.loads(path.read_text())
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such file (create one with `edgefl cloud init`)") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     settings = from_dict(doc, base_dir=path.resolve().parent, env=env)
     settings.source = path.resolve()

@@ -95,6 +95,11 @@ class ReleaseInstaller(Protocol):
         ...
 
 
+#: First and largest delay before a failed install is tried again (seconds).
+INSTALL_RETRY_MIN_S = 5.0
+INSTALL_RETRY_MAX_S = 120.0
+
+
 @dataclass(frozen=True)
 class AgentSettings:
     """How one device's agent reaches the broker and whom it trusts."""
@@ -177,6 +182,8 @@ class Agent:
         self._event_topic = topics.device_event(settings.fleet, settings.device_id)
         self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._download: _Download | None = None
+        #: A verified release whose install failed: (manifest, artifact, retry at, delay).
+        self._retry: tuple[codec.Manifest, bytes, float, float] | None = None
         self._installing = False
         self._handled_sequence = 0  # highest sequence handled in this process (incl. failures)
         self._last_error = ""
@@ -262,6 +269,8 @@ class Agent:
             timeout = max(0.0, next_status - time.monotonic())
             if self._download is not None:
                 timeout = min(timeout, self.settings.download_retry_s)
+            if self._retry is not None:
+                timeout = min(timeout, max(0.0, self._retry[2] - time.monotonic()))
             try:
                 topic, payload = self._queue.get(timeout=timeout)
             except queue.Empty:
@@ -275,6 +284,7 @@ class Agent:
                 elif topic:
                     self._handle_message(topic, payload)
                 self._check_stalled_download()
+                self._retry_failed_install()
                 if time.monotonic() >= next_status:
                     self._publish_status()
                     next_status = time.monotonic() + self.settings.status_interval_s
@@ -384,6 +394,8 @@ class Agent:
             self._download = None
 
     def _start_download(self, manifest: codec.Manifest) -> None:
+        if self._retry is not None and self._retry[0].sequence < manifest.sequence:
+            self._retry = None
         old = self._download
         if old is not None:
             logger.info(
@@ -467,6 +479,10 @@ class Agent:
                 f"size {m.artifact_size} and SHA-256",
             )
             return
+        self._try_install(m, data)
+
+    def _try_install(self, m: codec.Manifest, data: bytes) -> bool:
+        """Install a verified artifact; on failure schedule a retry (disk full, ...)."""
         self._installing = True
         self._publish_status()
         try:
@@ -475,9 +491,17 @@ class Agent:
             self._last_error = f"install of release {m.version} failed: {exc}"
             logger.error("%s", self._last_error, exc_info=True)
             self._emit_event(EVENT_INSTALL_FAILED, str(exc), m.version)
-            return
+            delay = (
+                INSTALL_RETRY_MIN_S
+                if self._retry is None
+                else min(self._retry[3] * 2, INSTALL_RETRY_MAX_S)
+            )
+            self._retry = (m, data, time.monotonic() + delay, delay)
+            self._publish_status()
+            return False
         finally:
             self._installing = False
+        self._retry = None
         self._last_error = ""
         try:
             self._accept_sequence(m.sequence)
@@ -490,6 +514,18 @@ class Agent:
             m.version,
         )
         self._publish_status()
+        return True
+
+    def _retry_failed_install(self) -> None:
+        """Try a failed install again once its delay has passed (space may be back)."""
+        if self._retry is None or time.monotonic() < self._retry[2]:
+            return
+        manifest, data, _, _ = self._retry
+        if self._download is not None and self._download.manifest.sequence > manifest.sequence:
+            self._retry = None  # a newer release supersedes it
+            return
+        logger.info("retrying the install of release %d", manifest.version)
+        self._try_install(manifest, data)
 
     # -- reporting -----------------------------------------------------------------------
 

@@ -252,6 +252,7 @@ _RULES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("training", "learning_rate"): (lambda v: v is None or v > 0, "must be > 0"),
     ("training", "batch"): (lambda v: v is None or v >= 1, "must be >= 1"),
     ("training", "proximal_mu"): (lambda v: v >= 0, "must be >= 0"),
+    ("training", "seed"): (lambda v: v >= 0, "must be >= 0"),
     ("data", "capacity"): (lambda v: v >= 1, "must be >= 1"),
     ("mqtt", "host"): (lambda v: bool(v), "is required"),
     ("mqtt", "port"): (lambda v: 1 <= v <= 65535, "must be in 1..65535"),
@@ -270,6 +271,16 @@ def _base_type(hint: Any) -> tuple[type, bool]:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return args[0], True
     return hint, False
+
+
+def _expand(text: str, where: str) -> tuple[Path | None, str | None]:
+    """``~`` and ``~user`` expanded, or a problem naming the setting."""
+    if "\0" in text:
+        return None, f"{where}: a path cannot contain a NUL character"
+    try:
+        return Path(text).expanduser(), None
+    except RuntimeError:
+        return None, f"{where}: cannot expand ~ in {text!r} (no such user or no home directory)"
 
 
 def _convert(
@@ -293,14 +304,16 @@ def _convert(
         except ValueError:
             return None, f"{where}: {text!r} is not a valid {kind.__name__}"
         if kind is Path:
-            return Path(text).expanduser(), None
+            return _expand(text, where)
         return text, None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is Path:
         if not isinstance(value, str):
             return None, f"{where}: must be a path string, got {type(value).__name__}"
-        path = Path(value).expanduser()
+        path, problem = _expand(value, where)
+        if path is None:
+            return None, problem
         if base_dir is not None and not path.is_absolute():
             path = base_dir / path
         return path, None

@@ -24,6 +24,7 @@ from typing import Any
 from edge.config import Settings
 from edge.errors import EdgeError, InstallError, StoreError
 from edge.local_data import LocalData, SampleSpec
+from edge.model_check import UnsafeModelError, check_isolated
 from edge.model_store import ModelStore, StoredModel
 from edge.serving import Serving, ServingModel
 from edge.trainer_service import LocalTrainer
@@ -100,6 +101,10 @@ class EdgeNode:
                 try:
                     package = codec.package_from_bytes(data)
                 except CodecError as exc:
+                    raise InstallError(f"release {version}: {exc}") from exc
+                try:
+                    check_isolated(package.tflite, package.card_json)
+                except UnsafeModelError as exc:
                     raise InstallError(f"release {version}: {exc}") from exc
                 model = self.serving.build(version, package, actual)
                 try:

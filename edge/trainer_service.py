@@ -41,6 +41,9 @@ from protos.edgefl.v1 import trainer_pb2, trainer_pb2_grpc
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name
+#: Most epochs one Fit may ask for: a request cannot hold the trainer for hours.
+MAX_EPOCHS = 1000
+
 CONFIG_KEYS = ("epochs", "batch_size", "learning_rate", "proximal_mu", "seed")
 
 
@@ -140,8 +143,8 @@ class LocalTrainer:
         lr = number("learning_rate", self._settings.learning_rate or card_lr)
         mu = number("proximal_mu", self._settings.proximal_mu)
         seed = integer("seed", self._settings.seed)
-        if epochs < 0:
-            problems.append(f"config epochs must be >= 0, got {epochs}")
+        if not 0 <= epochs <= MAX_EPOCHS:
+            problems.append(f"config epochs must be in 0..{MAX_EPOCHS}, got {epochs}")
         if batch != card_batch:
             problems.append(
                 f"config batch_size {batch} differs from the model's train batch {card_batch}"
