@@ -63,6 +63,24 @@ def progress_line(registry: Any, num_rounds: int) -> str:
     return " | ".join(parts)
 
 
+#: After a run, how long `cloud up` waits for the last release to reach the online devices.
+SPREAD_WAIT_S = 30.0
+
+
+def wait_for_spread(registry: Any, *, timeout: float) -> bool:
+    """Wait until every online device reports the newest version (or ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        latest = registry.latest_version()
+        if latest is None:
+            return True
+        spread = registry.spread(latest.version)
+        if spread["serving"] >= spread["online"]:
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from cloud.supervisor import CloudStack
 
@@ -91,6 +109,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 last = line
 
         status = stack.wait_for_run(on_progress=show)
+        wait_for_spread(stack.registry, timeout=SPREAD_WAIT_S)
         show()
         print(f"edgefl cloud up: run {run_id} {status}", flush=True)
         if args.exit_when_done:
