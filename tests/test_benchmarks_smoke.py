@@ -42,6 +42,7 @@ def test_result_ratio_and_table_row() -> None:
     assert (fmt(1234.5), fmt(12.34), fmt(0.01234), fmt(None)) == ("1,234", "12.3", "0.0123", "—")
 
 
+@pytest.mark.slow
 def test_run_all_quick_writes_every_report(tmp_path: Path) -> None:
     results_md = tmp_path / "RESULTS.md"
     proc = subprocess.run(
@@ -70,7 +71,8 @@ def test_run_all_quick_writes_every_report(tmp_path: Path) -> None:
         assert data["results"], f"{name} produced no rows"
         for row in data["results"]:
             assert set(row) == RESULT_FIELDS, row
-            assert isinstance(row["ours"], float) and row["ours"] > 0, row
+            # Counts of failures are legitimately 0; nothing is negative.
+            assert isinstance(row["ours"], float) and row["ours"] >= 0, row
             assert row["floor"] is None or row["floor"] > 0, row
             assert row["unit"]
         report = Report.from_dict(data)

@@ -156,7 +156,7 @@ def test_mismatched_weights_are_invalid_and_serving_is_unchanged(
     [
         ({"epochs": 1, "learnign_rate": 0.1}, "unknown config keys: learnign_rate"),
         ({"batch_size": 16}, "batch_size 16 differs from the model's train batch 32"),
-        ({"epochs": -1}, "epochs must be >= 0"),
+        ({"epochs": -1}, "epochs must be in 0..1000"),
         ({"learning_rate": "fast"}, "learning_rate must be a finite number"),
         ({"proximal_mu": -0.5}, "proximal_mu must be >= 0"),
     ],
