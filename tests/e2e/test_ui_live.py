@@ -13,21 +13,12 @@ import httpx
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
+from tests.cloud.test_web_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.e2e.conftest import fleet_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def test_the_page_follows_a_live_run(cloud_settings, stack_factory, fleet_factory) -> None:
@@ -36,7 +27,7 @@ def test_the_page_follows_a_live_run(cloud_settings, stack_factory, fleet_factor
     stack = stack_factory(s)
     fleet_factory(fleet_spec(s, stack, scheme="iid"), 2)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1400})
             page.goto(stack.web.url)
