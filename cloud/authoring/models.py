@@ -18,6 +18,7 @@ is deterministic.
 
 from __future__ import annotations
 
+import abc
 import itertools
 import logging
 from collections.abc import Sequence
@@ -52,7 +53,7 @@ def _log_softmax(logits: tf.Tensor) -> tf.Tensor:
     return logits - tf.reduce_logsumexp(logits, axis=-1, keepdims=True)
 
 
-class TrainableModel(tf.Module):
+class TrainableModel(tf.Module, abc.ABC):
     """Base class: weights, anchors and the four signatures.
 
     Subclasses define ``weight_specs`` / ``initial_values`` and ``logits(x)``.
@@ -85,17 +86,17 @@ class TrainableModel(tf.Module):
             self.anchors.append(tf.Variable(value, name=f"{spec.name}_anchor", trainable=False))
 
     # -- to be provided by subclasses -------------------------------------------------
+    @abc.abstractmethod
     def weight_specs(self) -> list[WeightSpec]:
         """Return the weights of this architecture in a stable order."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def initial_values(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Return seeded initial values for every weight."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def logits(self, x: tf.Tensor) -> tf.Tensor:
         """Forward pass up to the (pre-softmax) logits."""
-        raise NotImplementedError
 
     # -- signatures -------------------------------------------------------------------
     def _w(self, name: str) -> tf.Variable:

@@ -6,6 +6,7 @@ layer adds only derived values (``online``, round progress, spread per version).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -161,27 +162,11 @@ class ErrorOut(BaseModel):
 
 
 def run_out(run: Run) -> RunOut:
-    return RunOut(
-        id=run.id,
-        num_rounds=run.num_rounds,
-        strategy=run.strategy,
-        config=run.config,
-        flower_run_id=run.flower_run_id,
-        status=run.status,
-        started_at=run.started_at,
-        finished_at=run.finished_at,
-    )
+    return RunOut.model_validate(run, from_attributes=True)
 
 
 def serving_out(serving: Serving | None) -> ServingOut | None:
-    if serving is None:
-        return None
-    return ServingOut(
-        version=serving.version,
-        pinned=serving.pinned,
-        sequence=serving.sequence,
-        updated_at=serving.updated_at,
-    )
+    return None if serving is None else ServingOut.model_validate(serving, from_attributes=True)
 
 
 def spread_from_devices(version: int, devices: list[Device]) -> SpreadOut:
@@ -194,79 +179,25 @@ def spread_from_devices(version: int, devices: list[Device]) -> SpreadOut:
 
 
 def version_out(v: ModelVersion, devices: list[Device]) -> VersionOut:
-    return VersionOut(
-        version=v.version,
-        architecture_id=v.architecture_id,
-        round=v.round,
-        run_id=v.run_id,
-        parent_version=v.parent_version,
-        metrics=v.metrics,
-        participants=v.participants,
-        sha256=v.sha256,
-        size=v.size,
-        created_at=v.created_at,
-        spread=spread_from_devices(v.version, devices),
-        download_url=f"/api/models/{v.version}/download",
+    return VersionOut.model_validate(
+        {
+            **dataclasses.asdict(v),
+            "spread": spread_from_devices(v.version, devices),
+            "download_url": f"/api/models/{v.version}/download",
+        }
     )
 
 
 def round_out(r: RoundRecord) -> RoundOut:
-    return RoundOut(
-        run_id=r.run_id,
-        round=r.round,
-        sampled=r.sampled,
-        replied=r.replied,
-        failed=r.failed,
-        dropped=r.dropped,
-        pending=r.pending,
-        started_at=r.started_at,
-        finished_at=r.finished_at,
-        duration=r.duration,
-        aggregated_metrics=r.aggregated_metrics,
-        eval_metrics=r.eval_metrics,
-        version=r.version,
-        replies=[
-            ReplyOut(
-                device_id=p.device_id,
-                ok=p.ok,
-                num_examples=p.num_examples,
-                metrics=p.metrics,
-                error=p.error,
-                received_at=p.received_at,
-            )
-            for p in r.replies
-        ],
-    )
+    # from_attributes also reads the derived properties (replied, failed, pending, duration).
+    return RoundOut.model_validate(r, from_attributes=True)
 
 
 def device_out(d: Device) -> DeviceOut:
-    return DeviceOut(
-        device_id=d.device_id,
-        fleet=d.fleet,
-        online=d.online,
-        state=d.state,
-        serving_version=d.serving_version,
-        last_seen_ms=d.timestamp_ms,
-        received_at=d.received_at,
-        last_round_trained=d.last_round_trained,
-        sample_count=d.sample_count,
-        cpu_percent=d.cpu_percent,
-        rss_bytes=d.rss_bytes,
-        disk_free_bytes=d.disk_free_bytes,
-        memory_available_bytes=d.memory_available_bytes,
-        profile=d.profile,
-        last_error=d.last_error,
-        last_metrics=d.last_metrics,
-        edgefl_version=d.edgefl_version,
+    return DeviceOut.model_validate(
+        {**dataclasses.asdict(d), "online": d.online, "last_seen_ms": d.timestamp_ms}
     )
 
 
 def event_out(e: Event) -> EventOut:
-    return EventOut(
-        id=e.id,
-        device_id=e.device_id,
-        timestamp_ms=e.timestamp_ms,
-        kind=e.kind,
-        detail=e.detail,
-        version=e.version,
-    )
+    return EventOut.model_validate(e, from_attributes=True)
