@@ -92,6 +92,8 @@ class RoundOutcome:
     replied: list[str]
     dropped: list[str]
     metrics: dict[str, float]
+    #: The new global weights (None when the round produced no version).
+    weights: dict[str, np.ndarray] | None = None
 
 
 class Aggregator:
@@ -214,8 +216,8 @@ class Aggregator:
             for rnd in range(first, self.num_rounds + 1):
                 outcome = self._round(grid, run_id, rnd, weights, parent)
                 outcomes.append(outcome)
-                if outcome.version is not None:
-                    weights = self._weights_of(outcome.version)
+                if outcome.version is not None and outcome.weights is not None:
+                    weights = outcome.weights
                     parent = outcome.version
         except BaseException:
             self.registry.finish_run(run_id, "failed")
@@ -328,4 +330,4 @@ class Aggregator:
             version.version,
             metrics.get("eval-accuracy", float("nan")),
         )
-        return RoundOutcome(rnd, version.version, replied, dropped, metrics)
+        return RoundOutcome(rnd, version.version, replied, dropped, metrics, new_weights)

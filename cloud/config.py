@@ -11,6 +11,7 @@ Relative paths are resolved against the directory that holds the file.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -281,10 +282,11 @@ def to_toml(settings: CloudSettings) -> str:
             elif isinstance(value, int | float):
                 lines.append(f"{f.name} = {value}")
             else:
-                lines.append(f"{f.name} = {_toml_str(str(value))}")
+                lines.append(f"{f.name} = {toml_string(str(value))}")
         lines.append("")
     return "\n".join(lines)
 
 
-def _toml_str(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+def toml_string(value: object) -> str:
+    """A TOML basic string for ``str(value)`` (JSON string escapes are valid TOML)."""
+    return json.dumps(str(value))

@@ -31,7 +31,7 @@ def _print(text: str = "") -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     from cloud import config as cloud_config
-    from cloud.commands import progress_line
+    from cloud.commands import SPREAD_WAIT_S, progress_line, wait_for_spread
     from cloud.supervisor import CloudStack, init_cloud, read_token
     from devices.emulate import EmulatedFleet, FleetSpec
     from edge.process import connect_host
@@ -110,13 +110,8 @@ def run_demo(args: argparse.Namespace) -> int:
         status = stack.wait_for_run(on_progress=show, timeout=args.timeout)
         show()
         # Give the last release a moment to reach every device, then report the spread.
+        wait_for_spread(stack.registry, timeout=SPREAD_WAIT_S)
         latest = stack.registry.latest_version()
-        deadline = time.monotonic() + 30
-        while latest is not None and time.monotonic() < deadline:
-            spread = stack.registry.spread(latest.version)
-            if spread["serving"] >= args.devices:
-                break
-            time.sleep(1)
         _print(f"==> run {status} in {time.monotonic() - started:.0f}s")
         _print(f"    {progress_line(stack.registry, args.rounds)}")
         if latest is not None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from cloud.config import toml_string
 from edge.process import ManagedProcess, ProcessError
 
 logger = logging.getLogger(__name__)
@@ -43,37 +44,33 @@ class FleetSpec:
     profile: str = "x86-64-gateway"
 
 
-def _toml_str(value: object) -> str:
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def write_device_config(spec: FleetSpec, name: str, root: Path) -> Path:
     """A plain (loopback, no TLS) ``edge.toml`` for one emulated device."""
     root.mkdir(parents=True, exist_ok=True)
     lines = [
         "[device]",
-        f"id = {_toml_str(name)}",
-        f"fleet = {_toml_str(spec.fleet)}",
-        f"profile = {_toml_str(spec.profile)}",
-        f"data_dir = {_toml_str(root / 'data')}",
+        f"id = {toml_string(name)}",
+        f"fleet = {toml_string(spec.fleet)}",
+        f"profile = {toml_string(spec.profile)}",
+        f"data_dir = {toml_string(root / 'data')}",
         "",
         "[grpc]",
         "port = 0",
         "",
         "[mqtt]",
-        f"host = {_toml_str(spec.broker_host)}",
+        f"host = {toml_string(spec.broker_host)}",
         f"port = {spec.broker_port}",
         f"status_interval_s = {spec.status_interval_s}",
         "",
         "[trust]",
-        f"signing_public_key = {_toml_str(spec.signing_public_key)}",
+        f"signing_public_key = {toml_string(spec.signing_public_key)}",
         "",
         "[flower]",
-        f"superlink = {_toml_str(spec.superlink)}",
+        f"superlink = {toml_string(spec.superlink)}",
         "",
     ]
     if spec.initial_package is not None:
-        lines += ["[model]", f"initial_package = {_toml_str(spec.initial_package)}", ""]
+        lines += ["[model]", f"initial_package = {toml_string(spec.initial_package)}", ""]
     path = root / "edge.toml"
     path.write_text("\n".join(lines))
     return path
