@@ -4,8 +4,9 @@ What runs, all on this machine in one run:
 
 * **ours**: ``edgefl edge serve`` in a subprocess (the real server, digits MLP), called
   with **tritonclient**'s gRPC client, batch 1, by 1 and by 4 concurrent clients
-  (threads, one client each). The same calls are also made with a request serialized
-  once and sent as raw bytes, which takes tritonclient's own Python overhead out.
+  (separate processes, one client each: :mod:`benchmarks.load_clients`). The same
+  calls are also made with a request serialized once and sent as raw bytes, which
+  takes tritonclient's own Python overhead out.
 * **transport floor**: a trivial gRPC echo service in a subprocess (``grpc.server`` with
   a generic handler and identity serializers, same thread pool size as ours), called
   through a raw unary channel with a payload the size of the ModelInfer request.
@@ -16,6 +17,10 @@ What runs, all on this machine in one run:
   health status SERVING of ``inference.GRPCInferenceService`` (a fresh data dir each
   time, so it includes installing the initial package), next to the echo process's
   start to its first answered call.
+
+Every load phase is split into blocks, and the blocks of all phases are interleaved
+(the order reversed every other block), so a change in the shared machine's load hits
+ours and the floor alike; the per-block ratios are reported to show the spread.
 
 Targets (issue 3): p50 within 1.5x the echo floor, RSS under 80 MB, start under 1.5 s.
 
@@ -36,7 +41,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
@@ -55,6 +59,7 @@ from benchmarks.common import (
     write_report,
 )
 from benchmarks.echo_server import METHOD as ECHO_METHOD
+from benchmarks.load_clients import ClientProcesses, LoadResult, Target
 from edge.process import ManagedProcess, free_port
 
 logger = logging.getLogger(__name__)
@@ -85,8 +90,8 @@ class Sizes:
     so that a change in the shared machine's load hits ours and the floor alike."""
 
 
-FULL = Sizes(warmup=100, sequential=2000, per_client=800, clients=4, bare=5000, starts=3, blocks=4)
-QUICK = Sizes(warmup=10, sequential=40, per_client=20, clients=4, bare=100, starts=1, blocks=1)
+FULL = Sizes(warmup=20, sequential=2400, per_client=960, clients=4, bare=5000, starts=3, blocks=12)
+QUICK = Sizes(warmup=5, sequential=40, per_client=20, clients=4, bare=100, starts=1, blocks=2)
 
 
 # -- client-side helpers ------------------------------------------------------------------
@@ -141,74 +146,6 @@ def _time_start(
         proc.stop()
         raise
     return proc, elapsed
-
-
-@dataclass
-class LoadResult:
-    """Latencies (ms) of every call and the throughput (calls/s) of one phase."""
-
-    latencies_ms: list[float]
-    wall_s: float
-    errors: int = 0
-
-    @property
-    def throughput(self) -> float:
-        """Calls completed per second of wall time."""
-        return len(self.latencies_ms) / self.wall_s if self.wall_s > 0 else 0.0
-
-    def merge(self, other: LoadResult) -> LoadResult:
-        """This phase and ``other`` as one (latencies pooled, wall times added)."""
-        return LoadResult(
-            self.latencies_ms + other.latencies_ms,
-            self.wall_s + other.wall_s,
-            self.errors + other.errors,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "latency_ms": summarize(self.latencies_ms),
-            "throughput_per_s": self.throughput,
-            "errors": self.errors,
-        }
-
-
-def run_load(
-    make_call: Callable[[], Callable[[], object]], clients: int, per_client: int, warmup: int
-) -> LoadResult:
-    """``clients`` threads, each with its own client from ``make_call()``, each making
-    ``warmup`` unmeasured then ``per_client`` measured calls, started together."""
-    barrier = threading.Barrier(clients + 1)
-    done = threading.Barrier(clients + 1)
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors = [0] * clients
-
-    def worker(i: int) -> None:
-        call = make_call()
-        for _ in range(warmup):
-            call()
-        barrier.wait()
-        out = latencies[i]
-        for _ in range(per_client):
-            t = time.perf_counter()
-            try:
-                call()
-            except grpc.RpcError:
-                errors[i] += 1
-                continue
-            out.append((time.perf_counter() - t) * 1000.0)
-        done.wait()
-
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    done.wait()
-    wall = time.perf_counter() - t0
-    for t in threads:
-        t.join()
-    flat = [x for per in latencies for x in per]
-    return LoadResult(flat, wall, sum(errors))
 
 
 class RssSampler:
@@ -365,50 +302,30 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Report:
             echo_rss_idle = rss_mb(echo.pid)
 
             # -- load phases -------------------------------------------------------------
-            def triton_call() -> Callable[[], object]:
-                client = tc.InferenceServerClient(url=address)
-
-                def call() -> object:
-                    inp = tc.InferInput("x", list(x.shape), "FP32")
-                    inp.set_data_from_numpy(x)
-                    return client.infer(MODEL_NAME, [inp])
-
-                return call
-
-            def raw_call(method: str, payload: bytes, target: str) -> Callable[[], object]:
-                channel = grpc.insecure_channel(target)
-                stub = _raw_unary(channel, method)
-                return lambda: stub(payload)
-
-            def infer_raw() -> Callable[[], object]:
-                return raw_call(INFER_METHOD, request_bytes, address)
-
-            def echo_raw() -> Callable[[], object]:
-                return raw_call(ECHO_METHOD, echo_payload, echo_address)
-
-            # Sanity: the served model answers with probabilities.
-            check = triton_call()()
-            probs = check.as_numpy("probs")  # type: ignore[attr-defined]
-            if probs is None or probs.shape != (1, 10):
-                raise RuntimeError(f"unexpected ModelInfer answer: {probs!r}")
-
-            c = sizes.clients
-            makers = {
-                "triton": triton_call,
-                "raw": infer_raw,
-                "echo": echo_raw,
+            targets: dict[str, Target] = {
+                "triton": ("triton", address, MODEL_NAME, list(x.shape)),
+                "raw": ("raw", address, INFER_METHOD, request_bytes),
+                "echo": ("raw", echo_address, ECHO_METHOD, echo_payload),
             }
+            c = sizes.clients
             phases: dict[str, LoadResult] = {}
             n1 = sizes.sequential // sizes.blocks
             nc = sizes.per_client // sizes.blocks
+            order = [(kind, clients, n) for kind in targets for clients, n in ((1, n1), (c, nc))]
             ours_peak = echo_peak = 0.0
-            for _block in range(sizes.blocks):
-                for kind, make in makers.items():
-                    for clients, n in ((1, n1), (c, nc)):
+            # Sanity: the served model answers with probabilities.
+            inp = tc.InferInput("x", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            probs = tc.InferenceServerClient(url=address).infer(MODEL_NAME, [inp]).as_numpy("probs")
+            if probs is None or probs.shape != (1, 10):
+                raise RuntimeError(f"unexpected ModelInfer answer: {probs!r}")
+            with ClientProcesses(c, targets) as load:
+                for block in range(sizes.blocks):
+                    for kind, clients, n in order if block % 2 == 0 else order[::-1]:
                         key = f"{kind}_{clients}"
                         pid = echo.pid if kind == "echo" else server.pid
                         with RssSampler(pid) as sampler:
-                            got = run_load(make, clients, n, sizes.warmup)
+                            got = load.run(kind, clients, n, sizes.warmup)
                         if clients > 1 and kind == "echo":
                             echo_peak = max(echo_peak, sampler.peak_mb)
                         elif clients > 1:
@@ -499,7 +416,7 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Report:
             phases[f"echo_{c}"].throughput,
             "req/s",
             echo_name,
-            note="client threads share the GIL and the 2 cores with the server",
+            note="client processes share the machine's cores with the server",
         ),
         Result(
             f"throughput, {c} clients (raw request bytes)",
@@ -546,6 +463,21 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Report:
         ),
     ]
     report.results.extend(rows)
+
+    def spread(ours_key: str, floor_key: str) -> str:
+        ratios = sorted(
+            a / b
+            for a, b in zip(
+                phases[ours_key].block_p50_ms, phases[floor_key].block_p50_ms, strict=True
+            )
+            if b > 0
+        )
+        if not ratios:
+            return "n/a"
+        return (
+            f"min {ratios[0]:.2f}x, median {statistics.median(ratios):.2f}x, max {ratios[-1]:.2f}x"
+        )
+
     errors = {k: v.errors for k, v in phases.items() if v.errors}
     report.notes.extend(
         [
@@ -560,11 +492,15 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Report:
             f"Bare LiteRTModel.infer batch 1: p50 {bare_p50 * 1000:.0f} µs, "
             f"{bare.throughput:,.0f} calls/s.",
             f"Each phase runs in {sizes.blocks} block(s) interleaved with the other phases "
-            "(ours, raw, echo; 1 and 4 clients), so drifting load on the shared host hits "
-            "ours and the floor alike.",
-            "Clients are threads in the benchmark process, server and clients share the "
-            "machine's cores; the host is shared with other work, so load at start is "
-            "recorded with the machine.",
+            "(ours, raw, echo; 1 and 4 clients; order reversed every other block), so "
+            "drifting load on the shared host hits ours and the floor alike. "
+            f"Per-block p50 ratio tritonclient/echo: {spread('triton_1', 'echo_1')} with "
+            f"1 client, {spread(f'triton_{c}', f'echo_{c}')} with {c} clients; raw/echo: "
+            f"{spread('raw_1', 'echo_1')} and {spread(f'raw_{c}', f'echo_{c}')}.",
+            "Each client is its own process (spawned once, channels kept open between "
+            "blocks), so clients do not wait on each other's GIL; clients and servers "
+            "share the machine's cores, and the host is shared with other work, so load "
+            "at start is recorded with the machine.",
             f"Errors during load: {errors or 'none'}.",
         ]
     )

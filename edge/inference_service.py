@@ -15,6 +15,13 @@ Validation of a request, each failure naming the problem:
   ``INVALID_ARGUMENT``;
 * a message over ``max_message_bytes`` is refused by gRPC itself with ``RESOURCE_EXHAUSTED``.
 
+A request that is exactly what the model takes (one raw input of the right name,
+datatype and shape, nothing else unusual) is answered by a short path that checks just
+that with values precomputed once per served version (:class:`_Plan`); anything else,
+including every malformed request, goes through :func:`decode_input`, which accepts the
+same valid requests and names the problem in the others. A test holds the two paths to
+identical answers.
+
 The KServe messages are not edgefl contracts, so the request ⇄ numpy conversion for
 them lives here (next to the only service that speaks them), using
 :mod:`protos.codec`'s ``KSERVE_DTYPES``, ``kserve_datatype`` and ``array_from_bytes``.
@@ -24,6 +31,8 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -114,6 +123,71 @@ def decode_input(request: pb.ModelInferRequest, card: ModelCard, max_batch: int)
     return np.asarray(values, dtype=dtype).reshape(shape).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What a well-formed ModelInfer request for one served version looks like."""
+
+    model: ServingModel
+    version: str
+    input_name: str
+    datatype: str
+    rank: int
+    tail: list[int]
+    example_bytes: int
+    wire_dtype: np.dtype
+    output_name: str
+    fast: bool
+    """False when the short path cannot be exact (BOOL input needs a value check,
+    a big-endian host needs byte swapping): every request then takes the full path."""
+
+    @classmethod
+    def of(cls, model: ServingModel) -> _Plan:
+        card = model.card
+        datatype = codec.kserve_datatype(card.input.dtype)
+        wire_dtype = codec.KSERVE_DTYPES[datatype].newbyteorder("<")
+        return cls(
+            model=model,
+            version=str(model.version),
+            input_name=card.input.name,
+            datatype=datatype,
+            rank=len(card.input.shape),
+            tail=list(card.input_shape),
+            example_bytes=math.prod(card.input_shape) * wire_dtype.itemsize,
+            wire_dtype=wire_dtype,
+            output_name=card.output.name,
+            fast=sys.byteorder == "little" and wire_dtype.kind != "b",
+        )
+
+    def decode(self, request: pb.ModelInferRequest, max_batch: int) -> np.ndarray | None:
+        """The input as float32 if ``request`` is plainly well formed; else ``None``."""
+        if (
+            not self.fast
+            or len(request.inputs) != 1
+            or len(request.raw_input_contents) != 1
+            or (request.model_version and request.model_version != self.version)
+        ):
+            return None
+        for wanted in request.outputs:
+            if wanted.name != self.output_name:
+                return None
+        tensor = request.inputs[0]
+        shape = tensor.shape
+        if (
+            tensor.name != self.input_name
+            or tensor.datatype != self.datatype
+            or len(shape) != self.rank
+            or shape[1:] != self.tail
+            or tensor.HasField("contents")
+        ):
+            return None
+        batch = shape[0]
+        data = request.raw_input_contents[0]
+        if not 1 <= batch <= max_batch or len(data) != batch * self.example_bytes:
+            return None
+        x = np.frombuffer(data, dtype=self.wire_dtype).reshape(batch, *self.tail)
+        return x.astype(np.float32, copy=False)
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """KServe V2 inference over :class:`Serving`."""
 
@@ -121,6 +195,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._serving = serving
         self._name = model_name
         self._max_batch = max_batch
+        self._plan: _Plan | None = None
+        self.full_path_calls = 0
+        """ModelInfer requests that took the full validating path (for tests; not exact
+        under concurrency, the increment is not atomic)."""
+
+    def _plan_for(self, model: ServingModel) -> _Plan:
+        plan = self._plan
+        if plan is None or plan.model is not model:
+            plan = self._plan = _Plan.of(model)
+        return plan
 
     # -- helpers ------------------------------------------------------------------------
     def _resolve(self, name: str, version: str) -> ServingModel:
@@ -195,6 +279,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.ServicerContext
     ) -> pb.ModelInferResponse:
+        model = self._serving.current
+        if model is not None and request.model_name == self._name:
+            plan = self._plan_for(model)
+            x = plan.decode(request, self._max_batch)
+            if x is not None:
+                try:
+                    probs = model.infer(x)
+                except Exception as exc:
+                    abort(context, exc, "ModelInfer")
+                return self._answer(plan.version, request.id, plan.output_name, probs)
+        return self._infer_validated(request, context)
+
+    def _answer(
+        self, version: str, request_id: str, output_name: str, probs: np.ndarray
+    ) -> pb.ModelInferResponse:
+        return pb.ModelInferResponse(
+            model_name=self._name,
+            model_version=version,
+            id=request_id,
+            outputs=[
+                pb.ModelInferResponse.InferOutputTensor(
+                    name=output_name,
+                    datatype=codec.kserve_datatype(probs.dtype),
+                    shape=probs.shape,
+                )
+            ],
+            raw_output_contents=[codec.array_to_bytes(probs)],
+        )
+
+    def _infer_validated(
+        self, request: pb.ModelInferRequest, context: grpc.ServicerContext
+    ) -> pb.ModelInferResponse:
+        """ModelInfer through the full validation, which names whatever is wrong."""
+        self.full_path_calls += 1
         try:
             model = self._resolve(request.model_name, request.model_version)
             card = model.card
@@ -208,15 +326,4 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             probs = model.infer(x)
         except Exception as exc:
             abort(context, exc, "ModelInfer")
-        out = pb.ModelInferResponse.InferOutputTensor(
-            name=card.output.name,
-            datatype=codec.kserve_datatype(probs.dtype),
-            shape=list(probs.shape),
-        )
-        return pb.ModelInferResponse(
-            model_name=self._name,
-            model_version=str(model.version),
-            id=request.id,
-            outputs=[out],
-            raw_output_contents=[codec.array_to_bytes(probs)],
-        )
+        return self._answer(str(model.version), request.id, card.output.name, probs)

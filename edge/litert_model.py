@@ -49,6 +49,69 @@ class WeightMismatchError(ValueError):
         super().__init__("weights do not match the model card: " + "; ".join(self.problems))
 
 
+class _InferCall:
+    """The ``infer`` signature, called with as little Python per call as possible.
+
+    ``SignatureRunner.__call__`` resizes the input and re-plans the subgraph's tensors
+    on every call and returns a dict; on a device answering one example per request
+    that is most of the time spent outside the model itself. When the runner exposes
+    the interpreter wrapper it drives (true of ``ai-edge-litert`` 2.x, the pinned
+    runtime), this resizes and re-plans only when the batch size changes, and
+    otherwise only copies the input in, invokes and copies the output out. Any other
+    runtime gets the runner's own call: slower, same results.
+
+    Every ``infer`` call of a :class:`LiteRTModel` goes through one instance, so the
+    remembered batch size is always that of the subgraph's input tensor.
+    """
+
+    def __init__(self, runner: Any, input_name: str, output_name: str) -> None:
+        self._runner = runner
+        self._input_name = input_name
+        self._output_name = output_name
+        self._batch = -1
+        wrapper: Any = getattr(runner, "_interpreter_wrapper", None)
+        subgraph = getattr(runner, "_subgraph_index", None)
+        inputs = getattr(runner, "_inputs", None)
+        outputs = getattr(runner, "_outputs", None)
+        self.direct = False
+        try:
+            self._wrapper = wrapper
+            self._subgraph = int(subgraph)  # type: ignore[arg-type]
+            self._input_index = int(inputs[input_name])  # type: ignore[index]
+            self._output_index = int(dict(outputs)[output_name])  # type: ignore[arg-type]
+            self.direct = all(
+                callable(getattr(wrapper, name, None))
+                for name in (
+                    "ResizeInputTensor",
+                    "AllocateTensors",
+                    "SetTensor",
+                    "Invoke",
+                    "GetTensor",
+                )
+            )
+        except (TypeError, KeyError, ValueError):
+            self.direct = False
+
+    def __call__(self, xs: np.ndarray) -> np.ndarray:
+        """Probabilities for ``xs`` (contiguous float32 ``[batch, *input_shape]``), a new array."""
+        if not self.direct:
+            out = self._runner(**{self._input_name: xs})
+            return np.array(out[self._output_name], dtype=np.float32, copy=True)
+        wrapper, subgraph = self._wrapper, self._subgraph
+        batch = xs.shape[0]
+        if batch != self._batch:
+            self._batch = -1  # unknown until the resize has fully succeeded
+            wrapper.ResizeInputTensor(
+                self._input_index, np.array(xs.shape, dtype=np.int32), False, subgraph
+            )
+            wrapper.AllocateTensors(subgraph)
+            self._batch = batch
+        wrapper.SetTensor(self._input_index, xs, subgraph)
+        wrapper.Invoke(subgraph)
+        probs: np.ndarray = wrapper.GetTensor(self._output_index, subgraph)  # a copy
+        return probs if probs.dtype == np.float32 else probs.astype(np.float32)
+
+
 class LiteRTModel:
     """A trainable LiteRT model: inference, SGD steps and named weights.
 
@@ -77,6 +140,7 @@ class LiteRTModel:
         self._parameters = self._interpreter.get_signature_runner("parameters")
         self._restore = self._interpreter.get_signature_runner("restore")
         self._check_shapes()
+        self._infer_call = _InferCall(self._infer, card.input.name, card.output.name)
         logger.debug(
             "loaded %s (%d bytes, %d threads)", card.architecture_id, len(self._tflite), num_threads
         )
@@ -99,6 +163,12 @@ class LiteRTModel:
     def tflite(self) -> bytes:
         """The flatbuffer this model was created from (initial weights, not current ones)."""
         return self._tflite
+
+    @property
+    def infer_path(self) -> str:
+        """``"direct"`` when inference drives the interpreter wrapper itself, else
+        ``"signature-runner"`` (a runtime whose internals differ; see :class:`_InferCall`)."""
+        return "direct" if self._infer_call.direct else "signature-runner"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -176,9 +246,7 @@ class LiteRTModel:
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities ``[batch, classes]`` for a float batch of any size >= 1."""
-        xs = self._as_examples(x, "infer")
-        out = self._infer(**{self.card.input.name: xs})
-        return np.array(out[self.card.output.name], dtype=np.float32, copy=True)
+        return self._infer_call(self._as_examples(x, "infer"))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Most likely class per example (int32)."""

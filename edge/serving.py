@@ -1,9 +1,10 @@
 """The model being served, and how a new version replaces it without dropping a request.
 
 A LiteRT interpreter must not be used by two threads at once (wrong outputs, crashes),
-so a :class:`ServingModel` owns a small pool of interpreters in a queue: a request
-takes one, infers, and puts it back; at most ``pool_size`` inferences run at a time and
-the rest wait for an interpreter.
+so a :class:`ServingModel` owns a small pool of interpreters, each behind its own lock:
+a request takes the first free one (a non-blocking try of each lock, no queue or
+condition variable on the way), infers and releases it; when all are busy it waits on
+one of them, chosen round-robin. At most ``pool_size`` inferences run at a time.
 
 :class:`Serving` holds the one ``current`` :class:`ServingModel`. A swap builds and
 warms the new model completely first (every interpreter created, weights restored, one
@@ -14,11 +15,10 @@ finishes on the model it started on, and its response names that model's version
 
 from __future__ import annotations
 
+import itertools
 import logging
-import queue
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import numpy as np
 
@@ -54,7 +54,8 @@ class ServingModel:
                 f"version {version}: package architecture {package.architecture_id!r} "
                 f"differs from its card's {self.card.architecture_id!r}"
             )
-        self._pool: queue.Queue[LiteRTModel] = queue.Queue()
+        self._slots: list[tuple[threading.Lock, LiteRTModel]] = []
+        self._turn = itertools.count()
         warm = np.zeros((1, *self.card.input_shape), dtype=np.float32)
         for _ in range(pool_size):
             try:
@@ -66,26 +67,33 @@ class ServingModel:
                 raise InstallError(f"version {version}: {WeightMismatch.wrap(exc)}") from exc
             except (ModelContractError, ValueError, RuntimeError) as exc:
                 raise InstallError(f"version {version}: model unusable: {exc}") from exc
-            self._pool.put(model)
+            self._slots.append((threading.Lock(), model))
         self.pool_size = pool_size
 
-    @contextmanager
-    def _interpreter(self) -> Iterator[LiteRTModel]:
-        model = self._pool.get()
-        try:
-            yield model
-        finally:
-            self._pool.put(model)
+    def _take(self) -> tuple[threading.Lock, LiteRTModel]:
+        """A pooled interpreter, locked for the caller, who must release the lock."""
+        for slot in self._slots:
+            if slot[0].acquire(blocking=False):
+                return slot
+        slot = self._slots[next(self._turn) % len(self._slots)]
+        slot[0].acquire()
+        return slot
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         """Probabilities for ``x`` (``[batch, *input_shape]`` float32) on one pooled interpreter."""
-        with self._interpreter() as model:
+        lock, model = self._take()
+        try:
             return model.infer(x)
+        finally:
+            lock.release()
 
     def weights(self) -> dict[str, np.ndarray]:
         """The weights being served (copies)."""
-        with self._interpreter() as model:
+        lock, model = self._take()
+        try:
             return model.get_weights()
+        finally:
+            lock.release()
 
 
 class Serving:

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ai_edge_litert.interpreter import Interpreter
 
 from devices.datasets import Dataset, device_partitions, load_digits
-from edge.litert_model import LiteRTModel, ModelContractError, WeightMismatchError
+from edge.litert_model import LiteRTModel, ModelContractError, WeightMismatchError, _InferCall
 from edge.model_card import ModelCard
 
 
@@ -50,6 +51,47 @@ def test_infer_shapes_for_any_batch(
         assert probs.shape == (batch, 10)
         assert probs.dtype == np.float32
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_direct_infer_matches_the_signature_runner_across_batch_changes(
+    mlp_model_dir: Path, digits_flat: Dataset
+) -> None:
+    model = LiteRTModel.load(mlp_model_dir)
+    # The pinned runtime exposes what the direct path needs: if an upgrade hides it,
+    # inference silently falls back to the slower runner, and this says so.
+    assert model.infer_path == "direct"
+    runner = Interpreter(model_content=model.tflite).get_signature_runner("infer")
+    x = digits_flat.test.x
+    first = model.infer(x[:1])
+    for start, batch in [(0, 1), (1, 5), (6, 1), (7, 64), (71, 64), (135, 3)]:
+        xs = x[start : start + batch]
+        np.testing.assert_array_equal(model.infer(xs), runner(x=xs)["probs"])
+    # Results are copies: later calls do not change an earlier answer.
+    np.testing.assert_array_equal(first, runner(x=x[:1])["probs"])
+
+
+def test_infer_falls_back_to_the_runner_when_internals_are_missing(
+    mlp_model_dir: Path, digits_flat: Dataset
+) -> None:
+    class RunnerOnly:
+        """A real signature runner seen only through its public call."""
+
+        def __init__(self, runner: object) -> None:
+            self._call = runner
+
+        def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+            return self._call(**inputs)  # type: ignore[operator, no-any-return]
+
+    tflite = (mlp_model_dir / "model.tflite").read_bytes()
+    runner = Interpreter(model_content=tflite).get_signature_runner("infer")
+    fallback = _InferCall(RunnerOnly(runner), "x", "probs")
+    assert not fallback.direct
+    reference = Interpreter(model_content=tflite).get_signature_runner("infer")
+    for batch in (1, 4, 1):
+        xs = np.ascontiguousarray(digits_flat.test.x[:batch])
+        got = fallback(xs)
+        assert got.dtype == np.float32 and got.shape == (batch, 10)
+        np.testing.assert_array_equal(got, reference(x=xs)["probs"])
 
 
 def test_infer_rejects_wrong_example_shape(mlp: LiteRTModel) -> None:

@@ -1,0 +1,196 @@
+"""ModelInfer's short path and full validating path agree; the interpreter pool is exclusive.
+
+In-process, on a real LiteRT interpreter pool (no gRPC here: the served behaviour is in
+``test_inference_service.py``, through tritonclient). The short path must accept only
+requests the full path accepts, decode them to the same array, and answer with the
+same bytes; everything else must fall through to the full path, which names the
+problem.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge.errors import InvalidInput
+from edge.inference_service import InferenceServicer, _Plan, decode_input
+from edge.serving import Serving, ServingModel
+from protos.codec import package_from_bytes
+from protos.errors import CodecError
+from protos.kserve import grpc_predict_v2_pb2 as pb
+from tests.edge.helpers import make_package
+
+MAX_BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def serving(mlp_model_dir: Path) -> Serving:
+    serving = Serving(pool_size=2)
+    serving.load(3, package_from_bytes(make_package(mlp_model_dir)))
+    return serving
+
+
+def plain_request(x: np.ndarray, request_id: str = "r1", **fields: Any) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="digits", id=request_id, **fields)
+    tensor = request.inputs.add(name="x", datatype="FP32")
+    tensor.shape.extend(x.shape)
+    request.raw_input_contents.append(x.astype("<f4").tobytes())
+    return request
+
+
+def test_plain_requests_take_the_short_path_with_identical_answers(serving: Serving) -> None:
+    servicer = InferenceServicer(serving, "digits", MAX_BATCH)
+    rng = np.random.default_rng(0)
+    for batch, extra in [
+        (1, {}),
+        (5, {"model_version": "3"}),
+        (MAX_BATCH, {"outputs": [pb.ModelInferRequest.InferRequestedOutputTensor(name="probs")]}),
+    ]:
+        request = plain_request(rng.random((batch, 64), dtype=np.float32), **extra)
+        before = servicer.full_path_calls
+        short = servicer.ModelInfer(request, None)  # type: ignore[arg-type]
+        assert servicer.full_path_calls == before  # the short path answered
+        full = servicer._infer_validated(request, None)  # type: ignore[arg-type]
+        assert short.SerializeToString() == full.SerializeToString()
+        assert short.model_version == "3" and list(short.outputs[0].shape) == [batch, 10]
+
+
+def test_anything_unusual_takes_the_full_path(serving: Serving) -> None:
+    servicer = InferenceServicer(serving, "digits", MAX_BATCH)
+    x = np.zeros((1, 64), np.float32)
+    typed = pb.ModelInferRequest(model_name="digits")
+    tensor = typed.inputs.add(name="x", datatype="FP32", shape=[1, 64])
+    tensor.contents.fp32_contents.extend(x.ravel().tolist())
+    answer = servicer.ModelInfer(typed, None)  # type: ignore[arg-type]
+    assert servicer.full_path_calls == 1
+    plain = servicer.ModelInfer(plain_request(x, request_id=""), None)  # type: ignore[arg-type]
+    assert servicer.full_path_calls == 1
+    assert answer.SerializeToString() == plain.SerializeToString()
+    plan = _Plan.of(serving.require())
+    assert plan.decode(plain_request(x, model_version="2"), MAX_BATCH) is None
+    assert plan.decode(plain_request(np.zeros((MAX_BATCH + 1, 64), np.float32)), MAX_BATCH) is None
+    wrong_output = plain_request(
+        x, outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="logits")]
+    )
+    assert plan.decode(wrong_output, MAX_BATCH) is None
+
+
+MUTATIONS = (
+    "input name",
+    "datatype",
+    "shape tail",
+    "rank",
+    "batch 0",
+    "batch over the limit",
+    "negative batch",
+    "raw length",
+    "no raw contents",
+    "two raw contents",
+    "typed contents too",
+    "two inputs",
+    "unknown requested output",
+    "model version",
+)
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> pb.ModelInferRequest:
+    """A valid request with zero, one or two things made wrong."""
+    batch = draw(st.integers(1, MAX_BATCH))
+    data = draw(st.binary(min_size=batch * 256, max_size=batch * 256))
+    request = pb.ModelInferRequest(model_name="digits", id=draw(st.text(max_size=4)))
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[batch, 64])
+    request.raw_input_contents.append(data)
+    if draw(st.booleans()):
+        request.outputs.add(name="probs")
+    if draw(st.booleans()):
+        request.model_version = "3"
+    for mutation in draw(st.lists(st.sampled_from(MUTATIONS), max_size=2)):
+        if mutation == "input name":
+            tensor.name = draw(st.sampled_from(["y", "", "X"]))
+        elif mutation == "datatype":
+            tensor.datatype = draw(st.sampled_from(["FP64", "INT32", "BOOL", "UINT8", ""]))
+        elif mutation == "shape tail":
+            tensor.shape[-1] = draw(st.sampled_from([0, 1, 63, 65, -1]))
+        elif mutation == "rank":
+            if draw(st.booleans()) or len(tensor.shape) < 2:
+                tensor.shape.append(1)
+            else:
+                tensor.shape.pop()
+        elif mutation in ("batch 0", "batch over the limit", "negative batch"):
+            tensor.shape[0] = {"batch 0": 0, "batch over the limit": MAX_BATCH + 1}.get(
+                mutation, -1
+            )
+        elif mutation == "raw length":
+            del request.raw_input_contents[:]
+            request.raw_input_contents.append(data + b"\0" if draw(st.booleans()) else data[:-1])
+        elif mutation == "no raw contents":
+            del request.raw_input_contents[:]
+        elif mutation == "two raw contents":
+            request.raw_input_contents.append(data)
+        elif mutation == "typed contents too":
+            tensor.contents.fp32_contents.extend([0.5] * (batch * 64))
+        elif mutation == "two inputs":
+            request.inputs.add(name="x", datatype="FP32", shape=[batch, 64])
+        elif mutation == "unknown requested output":
+            request.outputs.add(name="logits")
+        elif mutation == "model version":
+            request.model_version = draw(st.sampled_from(["2", "03", "latest"]))
+    return request
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(request=requests())
+def test_short_path_accepts_only_what_the_full_path_accepts(
+    serving: Serving, request: pb.ModelInferRequest
+) -> None:
+    model = serving.require()
+    fast = _Plan.of(model).decode(request, MAX_BATCH)
+    try:
+        full: np.ndarray | None = decode_input(request, model.card, MAX_BATCH)
+    except (InvalidInput, CodecError):
+        full = None
+    wanted_ok = all(o.name == "probs" for o in request.outputs)
+    version_ok = request.model_version in ("", "3")
+    if fast is not None:
+        assert full is not None and wanted_ok and version_ok
+        np.testing.assert_array_equal(fast, full)  # NaN payloads compare equal here too
+        assert fast.dtype == np.float32
+    elif full is not None and wanted_ok and version_ok:
+        # Declining a valid request is allowed only for what the short path leaves out.
+        assert request.inputs[0].HasField("contents") or len(request.raw_input_contents) != 1
+
+
+def test_pool_never_shares_an_interpreter(serving: Serving) -> None:
+    model: ServingModel = serving.require()
+    rng = np.random.default_rng(1)
+    inputs = [rng.random((1 + i % 4, 64), dtype=np.float32) for i in range(60)]
+    expected = [model.infer(x) for x in inputs]
+    wrong: list[int] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(6)
+
+    def hammer(offset: int) -> None:
+        start.wait()
+        try:
+            for round_ in range(5):
+                for i in range(len(inputs)):
+                    k = (i + offset + round_) % len(inputs)
+                    if not np.array_equal(model.infer(inputs[k]), expected[k]):
+                        wrong.append(k)
+        except BaseException as exc:  # reported below, not swallowed
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(n * 7,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and not wrong
+    assert all(not lock.locked() for lock, _ in model._slots)
