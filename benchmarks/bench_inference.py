@@ -179,6 +179,12 @@ class RssSampler:
         return max(self.samples) / 2**20 if self.samples else 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
 def rss_mb(pid: int) -> float:
     return float(psutil.Process(pid).memory_info().rss) / 2**20
 
@@ -324,8 +330,10 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Report:
                     for kind, clients, n in order if block % 2 == 0 else order[::-1]:
                         key = f"{kind}_{clients}"
                         pid = echo.pid if kind == "echo" else server.pid
+                        cpu_before = cpu_seconds(pid)
                         with RssSampler(pid) as sampler:
                             got = load.run(kind, clients, n, sizes.warmup)
+                        got.server_cpu_s = cpu_seconds(pid) - cpu_before
                         if clients > 1 and kind == "echo":
                             echo_peak = max(echo_peak, sampler.peak_mb)
                         elif clients > 1:
@@ -424,6 +432,29 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Report:
             phases[f"echo_{c}"].throughput,
             "req/s",
             echo_name,
+        ),
+        Result(
+            "server CPU per call, 1 client (raw request bytes)",
+            phases["raw_1"].cpu_per_call_us("server"),
+            phases["echo_1"].cpu_per_call_us("server"),
+            "µs",
+            "echo server process",
+            note="user + system CPU of the server process / calls; steadier than latency",
+        ),
+        Result(
+            f"server CPU per call, {c} clients (raw request bytes)",
+            phases[f"raw_{c}"].cpu_per_call_us("server"),
+            phases[f"echo_{c}"].cpu_per_call_us("server"),
+            "µs",
+            "echo server process",
+        ),
+        Result(
+            f"client CPU per call, {c} clients (tritonclient)",
+            phases[f"triton_{c}"].cpu_per_call_us("client"),
+            phases[f"raw_{c}"].cpu_per_call_us("client"),
+            "µs",
+            "same calls sent as raw request bytes",
+            note="what the client library adds; it competes with the server for the cores",
         ),
         Result(
             "bare LiteRTModel.infer p50 vs ModelInfer p50 (1 client, tritonclient)",

@@ -10,9 +10,9 @@ benchmark, keep their channels open between phases, and are driven over pipes:
 1. the parent sends ``(kind, calls, warmup)`` to the clients taking part;
 2. each makes ``warmup`` unmeasured calls and answers ``ready``;
 3. once all are ready the parent sends ``go`` to each; each makes ``calls`` timed
-   calls and sends back its latencies and the ``time.perf_counter()`` of its first
+   calls and sends back its latencies, the ``time.perf_counter()`` of its first
    and last call (``CLOCK_MONOTONIC``: one clock for every process on Linux), from
-   which the phase's throughput is computed.
+   which the phase's throughput is computed, and the CPU time it spent.
 
 A target ("kind") is either ``("raw", address, method, payload)``, a unary call with
 bytes in and out, or ``("triton", address, model, shape)``, a ``tritonclient.grpc``
@@ -48,6 +48,17 @@ class LoadResult:
     errors: int = 0
     block_p50_ms: list[float] = field(default_factory=list)
     """The p50 of each block merged into this result, in order."""
+    calls_made: int = 0
+    """Every call made, warm-up included (what the CPU figures are divided by)."""
+    client_cpu_s: float = 0.0
+    """CPU time (user + system) the client processes spent, warm-up included."""
+    server_cpu_s: float = 0.0
+    """CPU time of the server process over the same calls (filled in by the caller)."""
+
+    def cpu_per_call_us(self, which: str) -> float:
+        """``"client"`` or ``"server"`` CPU per call in microseconds."""
+        seconds = self.client_cpu_s if which == "client" else self.server_cpu_s
+        return seconds / self.calls_made * 1e6 if self.calls_made else 0.0
 
     @property
     def throughput(self) -> float:
@@ -59,6 +70,9 @@ class LoadResult:
             self.wall_s + other.wall_s,
             self.errors + other.errors,
             self.block_p50_ms + other.block_p50_ms,
+            self.calls_made + other.calls_made,
+            self.client_cpu_s + other.client_cpu_s,
+            self.server_cpu_s + other.server_cpu_s,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,6 +85,9 @@ class LoadResult:
             "errors": self.errors,
             "latency_ms": summarize(self.latencies_ms) if self.latencies_ms else {},
             "block_p50_ms": self.block_p50_ms,
+            "calls_made": self.calls_made,
+            "client_cpu_us_per_call": self.cpu_per_call_us("client"),
+            "server_cpu_us_per_call": self.cpu_per_call_us("server"),
         }
 
 
@@ -107,6 +124,7 @@ def _client_main(conn: multiprocessing.connection.Connection, targets: dict[str,
         if message is None:
             return
         kind, n, warmup = message
+        cpu_start = time.process_time()
         call = calls.get(kind)
         if call is None:
             call = calls[kind] = _make_call(targets[kind])
@@ -130,7 +148,8 @@ def _client_main(conn: multiprocessing.connection.Connection, targets: dict[str,
                 errors += 1
                 continue
             latencies.append((clock() - t) * 1000.0)
-        conn.send((latencies, first, clock(), errors))
+        last = clock()
+        conn.send((latencies, first, last, errors, time.process_time() - cpu_start))
 
 
 class ClientProcesses:
@@ -188,17 +207,19 @@ class ClientProcesses:
         starts: list[float] = []
         ends: list[float] = []
         errors = 0
+        cpu = 0.0
         for conn in conns:
-            lat, first, last, errs = self._receive(conn)
+            lat, first, last, errs, cpu_s = self._receive(conn)
             latencies.extend(lat)
             starts.append(first)
             ends.append(last)
             errors += errs
+            cpu += cpu_s
         wall = max(ends) - min(starts)
         from benchmarks.common import percentile
 
         block_p50 = [percentile(latencies, 50)] if latencies else []
-        return LoadResult(latencies, wall, errors, block_p50)
+        return LoadResult(latencies, wall, errors, block_p50, clients * (calls + warmup), cpu)
 
     def _receive(self, conn: multiprocessing.connection.Connection) -> Any:
         if not conn.poll(120.0):

@@ -159,7 +159,8 @@ class _Plan:
         )
 
     def decode(self, request: pb.ModelInferRequest, max_batch: int) -> np.ndarray | None:
-        """The input as float32 if ``request`` is plainly well formed; else ``None``."""
+        """The input as C-contiguous float32 ``[batch, *input_shape]`` if ``request`` is
+        plainly well formed; else ``None``."""
         if (
             not self.fast
             or len(request.inputs) != 1
@@ -185,7 +186,7 @@ class _Plan:
         if not 1 <= batch <= max_batch or len(data) != batch * self.example_bytes:
             return None
         x = np.frombuffer(data, dtype=self.wire_dtype).reshape(batch, *self.tail)
-        return x.astype(np.float32, copy=False)
+        return x if x.dtype == np.float32 else x.astype(np.float32)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -199,12 +200,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.full_path_calls = 0
         """ModelInfer requests that took the full validating path (for tests; not exact
         under concurrency, the increment is not atomic)."""
-
-    def _plan_for(self, model: ServingModel) -> _Plan:
-        plan = self._plan
-        if plan is None or plan.model is not model:
-            plan = self._plan = _Plan.of(model)
-        return plan
 
     # -- helpers ------------------------------------------------------------------------
     def _resolve(self, name: str, version: str) -> ServingModel:
@@ -281,31 +276,42 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         model = self._serving.current
         if model is not None and request.model_name == self._name:
-            plan = self._plan_for(model)
+            plan = self._plan
+            if plan is None or plan.model is not model:
+                plan = self._plan = _Plan.of(model)
             x = plan.decode(request, self._max_batch)
             if x is not None:
                 try:
-                    probs = model.infer(x)
+                    probs = model.infer_checked(x)
                 except Exception as exc:
                     abort(context, exc, "ModelInfer")
-                return self._answer(plan.version, request.id, plan.output_name, probs)
+                # float32 from the runtime; plan.fast means a little-endian host.
+                return self._answer(plan.version, request.id, plan.output_name, probs, "FP32")
         return self._infer_validated(request, context)
 
     def _answer(
-        self, version: str, request_id: str, output_name: str, probs: np.ndarray
+        self,
+        version: str,
+        request_id: str,
+        output_name: str,
+        probs: np.ndarray,
+        datatype: str | None = None,
     ) -> pb.ModelInferResponse:
+        """The response; ``datatype`` given means ``probs`` is native little-endian of it."""
+        if datatype is None:
+            datatype, data = codec.kserve_datatype(probs.dtype), codec.array_to_bytes(probs)
+        else:
+            data = probs.tobytes()
         return pb.ModelInferResponse(
             model_name=self._name,
             model_version=version,
             id=request_id,
             outputs=[
                 pb.ModelInferResponse.InferOutputTensor(
-                    name=output_name,
-                    datatype=codec.kserve_datatype(probs.dtype),
-                    shape=probs.shape,
+                    name=output_name, datatype=datatype, shape=probs.shape
                 )
             ],
-            raw_output_contents=[codec.array_to_bytes(probs)],
+            raw_output_contents=[data],
         )
 
     def _infer_validated(

@@ -248,6 +248,12 @@ class LiteRTModel:
         """Class probabilities ``[batch, classes]`` for a float batch of any size >= 1."""
         return self._infer_call(self._as_examples(x, "infer"))
 
+    def infer_checked(self, xs: np.ndarray) -> np.ndarray:
+        """:meth:`infer` for a batch the caller has already checked: C-contiguous
+        float32 of shape ``[batch >= 1, *input_shape]`` (anything else may fail inside
+        the runtime with a less helpful message). Saves the checks on the serving path."""
+        return self._infer_call(xs)
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Most likely class per example (int32)."""
         return self.infer(x).argmax(axis=-1).astype(np.int32)

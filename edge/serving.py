@@ -87,6 +87,14 @@ class ServingModel:
         finally:
             lock.release()
 
+    def infer_checked(self, xs: np.ndarray) -> np.ndarray:
+        """:meth:`infer` for a batch already checked (see :meth:`LiteRTModel.infer_checked`)."""
+        lock, model = self._take()
+        try:
+            return model.infer_checked(xs)
+        finally:
+            lock.release()
+
     def weights(self) -> dict[str, np.ndarray]:
         """The weights being served (copies)."""
         lock, model = self._take()
