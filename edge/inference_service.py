@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import weakref
 from dataclasses import dataclass
 
 import grpc
@@ -127,7 +128,9 @@ def decode_input(request: pb.ModelInferRequest, card: ModelCard, max_batch: int)
 class _Plan:
     """What a well-formed ModelInfer request for one served version looks like."""
 
-    model: ServingModel
+    model: weakref.ref[ServingModel]
+    """The version this plan is for; weak, so a plan never keeps a replaced version's
+    interpreters in memory."""
     version: str
     input_name: str
     datatype: str
@@ -146,7 +149,7 @@ class _Plan:
         datatype = codec.kserve_datatype(card.input.dtype)
         wire_dtype = codec.KSERVE_DTYPES[datatype].newbyteorder("<")
         return cls(
-            model=model,
+            model=weakref.ref(model),
             version=str(model.version),
             input_name=card.input.name,
             datatype=datatype,
@@ -277,7 +280,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self._serving.current
         if model is not None and request.model_name == self._name:
             plan = self._plan
-            if plan is None or plan.model is not model:
+            if plan is None or plan.model() is not model:
                 plan = self._plan = _Plan.of(model)
             x = plan.decode(request, self._max_batch)
             if x is not None:

@@ -9,7 +9,9 @@ problem.
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +196,17 @@ def test_pool_never_shares_an_interpreter(serving: Serving) -> None:
         t.join(120)
     assert not errors and not wrong
     assert all(not lock.locked() for lock, _ in model._slots)
+
+
+def test_a_replaced_version_is_not_kept_alive_by_the_short_path(mlp_model_dir: Path) -> None:
+    package = package_from_bytes(make_package(mlp_model_dir))
+    serving = Serving(pool_size=1)
+    servicer = InferenceServicer(serving, "digits", MAX_BATCH)
+    x = np.zeros((1, 64), np.float32)
+    old = weakref.ref(serving.load(1, package))
+    assert servicer.ModelInfer(plain_request(x), None).model_version == "1"  # type: ignore[arg-type]
+    serving.load(2, package)
+    gc.collect()
+    assert old() is None  # the cached plan does not hold version 1's interpreters
+    assert servicer.ModelInfer(plain_request(x), None).model_version == "2"  # type: ignore[arg-type]
+    assert servicer.full_path_calls == 0
