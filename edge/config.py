@@ -74,6 +74,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 """Largest gRPC message received or sent (larger ones get RESOURCE_EXHAUSTED)."""
 DEFAULT_SERVING_THREADS = 2
 """Interpreters in the serving pool (concurrent inferences)."""
+DEFAULT_LITERT_THREADS = 1
+"""CPU threads per LiteRT interpreter; one keeps several interpreters from competing."""
 DEFAULT_GRACE_S = 5.0
 """Seconds in-flight calls get to finish at shutdown."""
 DEFAULT_DRAIN_DELAY_S = 0.5
@@ -130,6 +132,14 @@ class GrpcSettings:
     """Shutdown grace period for in-flight calls."""
     drain_delay_s: float = DEFAULT_DRAIN_DELAY_S
     """Pause after going NOT_SERVING before refusing calls, so health watchers notice."""
+
+
+@dataclass(frozen=True)
+class LiteRTSettings:
+    """``[litert]``: how the LiteRT runtime runs on this board."""
+
+    threads: int = DEFAULT_LITERT_THREADS
+    """CPU threads each interpreter may use (serving pool and training alike)."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +226,7 @@ class Settings:
 
     device: DeviceSettings = field(default_factory=DeviceSettings)
     grpc: GrpcSettings = field(default_factory=GrpcSettings)
+    litert: LiteRTSettings = field(default_factory=LiteRTSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     data: DataSettings = field(default_factory=DataSettings)
     mqtt: MqttSettings | None = None
@@ -232,6 +243,7 @@ class Settings:
 _SECTIONS: dict[str, type] = {
     "device": DeviceSettings,
     "grpc": GrpcSettings,
+    "litert": LiteRTSettings,
     "training": TrainingSettings,
     "data": DataSettings,
     "mqtt": MqttSettings,
@@ -248,6 +260,7 @@ _RULES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("grpc", "serving_threads"): (lambda v: 1 <= v <= 64, "must be in 1..64"),
     ("grpc", "grace_s"): (lambda v: v >= 0, "must be >= 0"),
     ("grpc", "drain_delay_s"): (lambda v: v >= 0, "must be >= 0"),
+    ("litert", "threads"): (lambda v: 1 <= v <= 64, "must be in 1..64"),
     ("training", "epochs"): (lambda v: v >= 0, "must be >= 0"),
     ("training", "learning_rate"): (lambda v: v is None or v > 0, "must be > 0"),
     ("training", "batch"): (lambda v: v is None or v >= 1, "must be >= 1"),
@@ -416,6 +429,7 @@ def load_settings(
     return Settings(
         device=DeviceSettings(**built["device"]),
         grpc=GrpcSettings(**built["grpc"]),
+        litert=LiteRTSettings(**built["litert"]),
         training=TrainingSettings(**built["training"]),
         data=DataSettings(**built["data"]),
         mqtt=None if built["mqtt"] is None else MqttSettings(**built["mqtt"]),

@@ -165,6 +165,11 @@ class LiteRTModel:
         return self._tflite
 
     @property
+    def num_threads(self) -> int:
+        """CPU threads the interpreter may use."""
+        return self._num_threads
+
+    @property
     def infer_path(self) -> str:
         """``"direct"`` when inference drives the interpreter wrapper itself, else
         ``"signature-runner"`` (a runtime whose internals differ; see :class:`_InferCall`)."""

@@ -44,7 +44,9 @@ class EdgeNode:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = ModelStore(data_dir / "models", keep=settings.model.keep_versions)
         self.data = LocalData(data_dir / "samples", capacity=settings.data.capacity)
-        self.serving = Serving(pool_size=settings.grpc.serving_threads)
+        self.serving = Serving(
+            pool_size=settings.grpc.serving_threads, num_threads=settings.litert.threads
+        )
         self.trainer = LocalTrainer(
             self.serving, self.data, settings.training, on_fit=self._fit_done
         )

@@ -34,9 +34,16 @@ class ServingModel:
     """One version of the model, ready to serve: card, weights and an interpreter pool."""
 
     def __init__(
-        self, version: int, package: ModelPackage, *, pool_size: int = 2, sha256: str = ""
+        self,
+        version: int,
+        package: ModelPackage,
+        *,
+        pool_size: int = 2,
+        sha256: str = "",
+        num_threads: int = 1,
     ) -> None:
-        """Build ``pool_size`` interpreters holding the package's weights and warm them.
+        """Build ``pool_size`` interpreters (``num_threads`` CPU threads each) holding the
+        package's weights, and warm them.
 
         Raises :class:`InstallError` when the package's card, model or weights are unusable.
         """
@@ -59,7 +66,7 @@ class ServingModel:
         warm = np.zeros((1, *self.card.input_shape), dtype=np.float32)
         for _ in range(pool_size):
             try:
-                model = LiteRTModel(package.tflite, self.card)
+                model = LiteRTModel(package.tflite, self.card, num_threads=num_threads)
                 if package.weights:
                     model.set_weights(package.weights)
                 model.infer(warm)
@@ -107,9 +114,13 @@ class ServingModel:
 class Serving:
     """The device-wide reference to the model being served, swapped atomically."""
 
-    def __init__(self, pool_size: int = 2) -> None:
-        """Start with nothing to serve; ``pool_size`` interpreters per loaded version."""
+    def __init__(self, pool_size: int = 2, num_threads: int = 1) -> None:
+        """Start with nothing to serve; ``pool_size`` interpreters per loaded version,
+        each using ``num_threads`` CPU threads (``[litert] threads``)."""
+        if num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self.pool_size = pool_size
+        self.num_threads = num_threads
         self._current: ServingModel | None = None
         self._swap_lock = threading.Lock()
         self._listeners: list[Callable[[ServingModel], None]] = []
@@ -138,7 +149,9 @@ class Serving:
 
     def build(self, version: int, package: ModelPackage, sha256: str = "") -> ServingModel:
         """Build and warm a :class:`ServingModel` without serving it yet."""
-        return ServingModel(version, package, pool_size=self.pool_size, sha256=sha256)
+        return ServingModel(
+            version, package, pool_size=self.pool_size, sha256=sha256, num_threads=self.num_threads
+        )
 
     def swap(self, model: ServingModel) -> ServingModel | None:
         """Serve ``model`` from now on (it must be built); returns the previous one.

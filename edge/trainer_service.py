@@ -105,7 +105,9 @@ class LocalTrainer:
         key = (serving.card.architecture_id, codec.sha256_hex(serving.package.tflite))
         if self._model is None or self._model_key != key:
             logger.info("building the training interpreter for %s", key[0])
-            self._model = LiteRTModel(serving.package.tflite, serving.card)
+            self._model = LiteRTModel(
+                serving.package.tflite, serving.card, num_threads=self._serving.num_threads
+            )
             self._model_key = key
         return self._model
 

@@ -79,6 +79,8 @@ def test_tarball_is_complete_and_secrets_are_0600(fleet: SecureFleet, tmp_path: 
         "profile": "rpi4",
         "data_dir": "/var/lib/edgefl",
     }
+    assert config["litert"] == {"threads": 2}  # the rpi4 profile's
+    assert config["grpc"]["serving_threads"] == 1
     assert config["mqtt"]["username"] == "pi-01"
     assert config["mqtt"]["host"] == "cloud.lan"
     assert config["flower"]["superlink"] == f"cloud.lan:{fleet.superlink_port}"
@@ -192,6 +194,7 @@ def test_inference_only_board_has_no_supernode_and_its_config_loads(
     assert settings.mqtt.password_file is not None and settings.mqtt.password_file.is_file()
     assert settings.mqtt.ca_file == boot / "edgefl" / "trust" / "ca.pem"
     assert settings.data.capacity == 1000
+    assert settings.litert.threads == 2 and settings.grpc.serving_threads == 1
     assert read_registry(fleet)["zero-1"].supernode_public_key is None
 
 

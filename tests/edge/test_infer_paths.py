@@ -210,3 +210,31 @@ def test_a_replaced_version_is_not_kept_alive_by_the_short_path(mlp_model_dir: P
     assert old() is None  # the cached plan does not hold version 1's interpreters
     assert servicer.ModelInfer(plain_request(x), None).model_version == "2"  # type: ignore[arg-type]
     assert servicer.full_path_calls == 0
+
+
+def test_litert_threads_reach_serving_and_training_interpreters(
+    mlp_model_dir: Path, tmp_path: Path
+) -> None:
+    from edge.config import load_settings
+    from edge.node import EdgeNode
+    from tests.edge.helpers import write_config
+
+    package = tmp_path / "digits.pkg"
+    package.write_bytes(make_package(mlp_model_dir))
+    config = write_config(
+        tmp_path / "edge.toml",
+        {
+            "device": {"id": "t-1", "data_dir": "state"},
+            "grpc": {"serving_threads": 2},
+            "litert": {"threads": 3},
+            "model": {"initial_package": str(package)},
+        },
+    )
+    node = EdgeNode(load_settings(config, env={}))
+    node.start()
+    model = node.serving.require()
+    assert [m.num_threads for _, m in model._slots] == [3, 3]
+    assert node.trainer._interpreter(model).num_threads == 3
+    x = np.zeros((2, 64), np.float32)  # a 3-thread interpreter answers like a 1-thread one
+    reference = Serving(pool_size=1, num_threads=1).build(1, model.package).infer(x)
+    np.testing.assert_allclose(model.infer(x), reference, rtol=1e-6, atol=1e-7)
