@@ -35,7 +35,7 @@ from benchmarks.common import (
     BENCH_DIR,
     Report,
     Result,
-    arg_parser,
+    benchmark_main,
     machine_info,
     mlp_model_dir,
     write_report,
@@ -405,10 +405,7 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Report:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m benchmarks.bench_rounds [--quick] [--out DIR]``."""
-    args = arg_parser(__doc__.splitlines()[0]).parse_args(argv)
-    report = run(args.quick, args.out)
-    print(report.markdown())
-    return 0
+    return benchmark_main(__doc__.splitlines()[0], run, argv)
 
 
 if __name__ == "__main__":

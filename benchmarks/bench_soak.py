@@ -72,7 +72,7 @@ from benchmarks.common import (
     REPO_ROOT,
     Report,
     Result,
-    arg_parser,
+    benchmark_main,
     child_env,
     mlp_model_dir,
     summarize,
@@ -818,12 +818,7 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Report:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m benchmarks.bench_soak [--quick] [--out DIR]``."""
-    parser = arg_parser(__doc__.splitlines()[0])
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    report = run(args.quick, args.out)
-    print(report.markdown())
-    return 0
+    return benchmark_main(__doc__.splitlines()[0], run, argv)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import platform
@@ -25,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -335,6 +336,16 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
         "--out", type=Path, default=OUT_DIR, help=f"output directory (default {OUT_DIR})"
     )
     return parser
+
+
+def benchmark_main(
+    description: str, run: Callable[[bool, Path | None], Report], argv: Sequence[str] | None
+) -> int:
+    """The ``main`` of a benchmark module: parse ``--quick``/``--out``, run, print the table."""
+    args = arg_parser(description).parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    print(run(args.quick, args.out).markdown())
+    return 0
 
 
 def child_env() -> dict[str, str]:

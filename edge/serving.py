@@ -19,6 +19,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 
@@ -28,6 +29,8 @@ from edge.model_card import ModelCard, ModelCardError
 from protos.codec import ModelPackage
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ServingModel:
@@ -77,38 +80,31 @@ class ServingModel:
             self._slots.append((threading.Lock(), model))
         self.pool_size = pool_size
 
-    def _take(self) -> tuple[threading.Lock, LiteRTModel]:
-        """A pooled interpreter, locked for the caller, who must release the lock."""
+    def _on_interpreter(self, use: Callable[[LiteRTModel], T]) -> T:
+        """``use(interpreter)`` on a pooled interpreter nobody else is using meanwhile."""
         for slot in self._slots:
             if slot[0].acquire(blocking=False):
-                return slot
-        slot = self._slots[next(self._turn) % len(self._slots)]
-        slot[0].acquire()
-        return slot
+                break
+        else:
+            slot = self._slots[next(self._turn) % len(self._slots)]
+            slot[0].acquire()
+        lock, model = slot
+        try:
+            return use(model)
+        finally:
+            lock.release()
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         """Probabilities for ``x`` (``[batch, *input_shape]`` float32) on one pooled interpreter."""
-        lock, model = self._take()
-        try:
-            return model.infer(x)
-        finally:
-            lock.release()
+        return self._on_interpreter(lambda model: model.infer(x))
 
     def infer_checked(self, xs: np.ndarray) -> np.ndarray:
         """:meth:`infer` for a batch already checked (see :meth:`LiteRTModel.infer_checked`)."""
-        lock, model = self._take()
-        try:
-            return model.infer_checked(xs)
-        finally:
-            lock.release()
+        return self._on_interpreter(lambda model: model.infer_checked(xs))
 
     def weights(self) -> dict[str, np.ndarray]:
         """The weights being served (copies)."""
-        lock, model = self._take()
-        try:
-            return model.get_weights()
-        finally:
-            lock.release()
+        return self._on_interpreter(LiteRTModel.get_weights)
 
 
 class Serving:
