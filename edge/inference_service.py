@@ -15,12 +15,25 @@ Validation of a request, each failure naming the problem:
   ``INVALID_ARGUMENT``;
 * a message over ``max_message_bytes`` is refused by gRPC itself with ``RESOURCE_EXHAUSTED``.
 
-A request that is exactly what the model takes (one raw input of the right name,
-datatype and shape, nothing else unusual) is answered by a short path that checks just
-that with values precomputed once per served version (:class:`_Plan`); anything else,
-including every malformed request, goes through :func:`decode_input`, which accepts the
-same valid requests and names the problem in the others. A test holds the two paths to
-identical answers.
+Three paths answer ModelInfer, each taking only what the one before declines, and
+tests hold them to identical answers:
+
+1. **wire**: the request bytes are compared with the exact serialization of the plainest
+   well-formed request (model name, one raw input of the right name, datatype and
+   shape, nothing else: what ``tritonclient`` sends by default). On a match the input
+   is read straight out of the bytes and the response is written as precomputed header
+   bytes plus the output's bytes; no protobuf message is built either way. The byte
+   templates are computed once per served version (:class:`_Plan`).
+2. **short**: the request is parsed, and one that is well formed with only the usual
+   extras (an ``id``, the served version, the known requested output) is checked
+   against the same precomputed values.
+3. **full**: anything else, including every malformed request, goes through
+   :func:`decode_input`, which accepts the same valid requests and names the problem
+   in the others.
+
+The gRPC method is registered by :func:`add_to_server` with bytes in and out so that
+the wire path can see the request before protobuf does; the other five methods are
+registered as the generated code would.
 
 The KServe messages are not edgefl contracts, so the request ⇄ numpy conversion for
 them lives here (next to the only service that speaks them), using
@@ -37,6 +50,8 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
 
 from edge.cli import version as edgefl_version
 from edge.errors import InvalidInput, ModelNotFound, abort
@@ -51,6 +66,10 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "edgefl"
 PLATFORM = "litert"
+
+WIRE_MAX_BATCH = 1024
+"""The wire path's byte templates cover batches up to this (or ``max_batch`` if lower);
+bigger batches are answered by the short path."""
 
 # KServe datatype → the typed-contents field that carries it.
 _CONTENTS_FIELD = {
@@ -124,6 +143,22 @@ def decode_input(request: pb.ModelInferRequest, card: ModelCard, max_batch: int)
     return np.asarray(values, dtype=dtype).reshape(shape).astype(np.float32)
 
 
+_RAW_INPUT_FIELD = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+_RAW_OUTPUT_FIELD = pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
+
+
+def _field_header(number: int, length: int) -> bytes:
+    """The protobuf wire-format header of a length-delimited field: the tag (wire type 2)
+    and the length, each a base-128 varint."""
+    out = bytearray()
+    for value in ((number << 3) | 2, length):
+        while value > 0x7F:
+            out.append((value & 0x7F) | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out)
+
+
 @dataclass(frozen=True)
 class _Plan:
     """What a well-formed ModelInfer request for one served version looks like."""
@@ -142,12 +177,32 @@ class _Plan:
     fast: bool
     """False when the short path cannot be exact (BOOL input needs a value check,
     a big-endian host needs byte swapping): every request then takes the full path."""
+    model_name: str
+    request_heads: dict[int, tuple[int, bytes]]
+    """Wire path: request length → (batch, the bytes before the input data) of the
+    plainest request for that batch. Empty when ``fast`` is false."""
+    response_heads: dict[tuple[int, ...], bytes]
+    """Wire path: output shape → the response bytes before the output data (filled on
+    first use; every value is the same whichever thread writes it)."""
 
     @classmethod
-    def of(cls, model: ServingModel) -> _Plan:
+    def of(cls, model: ServingModel, model_name: str, max_batch: int) -> _Plan:
         card = model.card
         datatype = codec.kserve_datatype(card.input.dtype)
         wire_dtype = codec.KSERVE_DTYPES[datatype].newbyteorder("<")
+        fast = sys.byteorder == "little" and wire_dtype.kind != "b"
+        example_bytes = math.prod(card.input_shape) * wire_dtype.itemsize
+        heads: dict[int, tuple[int, bytes]] = {}
+        for batch in range(1, min(max_batch, WIRE_MAX_BATCH) + 1 if fast else 1):
+            head = pb.ModelInferRequest(
+                model_name=model_name,
+                inputs=[
+                    pb.ModelInferRequest.InferInputTensor(
+                        name=card.input.name, datatype=datatype, shape=[batch, *card.input_shape]
+                    )
+                ],
+            ).SerializeToString() + _field_header(_RAW_INPUT_FIELD, batch * example_bytes)
+            heads[len(head) + batch * example_bytes] = (batch, head)
         return cls(
             model=weakref.ref(model),
             version=str(model.version),
@@ -155,11 +210,44 @@ class _Plan:
             datatype=datatype,
             rank=len(card.input.shape),
             tail=list(card.input_shape),
-            example_bytes=math.prod(card.input_shape) * wire_dtype.itemsize,
+            example_bytes=example_bytes,
             wire_dtype=wire_dtype,
             output_name=card.output.name,
-            fast=sys.byteorder == "little" and wire_dtype.kind != "b",
+            fast=fast,
+            model_name=model_name,
+            request_heads=heads,
+            response_heads={},
         )
+
+    def decode_wire(self, data: bytes) -> np.ndarray | None:
+        """The input as float32 ``[batch, *input_shape]`` if ``data`` is byte for byte the
+        plainest request (see the module docstring); else ``None``.
+
+        Sound by the wire format alone: the head is a serialization of exactly the
+        expected fields followed by the header of one ``raw_input_contents`` entry of
+        the length that remains, so any bytes that match parse to that request.
+        """
+        hit = self.request_heads.get(len(data))
+        if hit is None or not data.startswith(hit[1]):
+            return None
+        batch, head = hit
+        x = np.frombuffer(data, dtype=self.wire_dtype, offset=len(head)).reshape(batch, *self.tail)
+        return x if x.dtype == np.float32 else x.astype(np.float32)
+
+    def encode_wire(self, probs: np.ndarray) -> bytes:
+        """The serialized response to a wire-path request (no ``id``) for float32 ``probs``."""
+        head = self.response_heads.get(probs.shape)
+        if head is None:
+            head = self.response_heads[probs.shape] = pb.ModelInferResponse(
+                model_name=self.model_name,
+                model_version=self.version,
+                outputs=[
+                    pb.ModelInferResponse.InferOutputTensor(
+                        name=self.output_name, datatype="FP32", shape=probs.shape
+                    )
+                ],
+            ).SerializeToString() + _field_header(_RAW_OUTPUT_FIELD, probs.nbytes)
+        return head + probs.tobytes()
 
     def decode(self, request: pb.ModelInferRequest, max_batch: int) -> np.ndarray | None:
         """The input as C-contiguous float32 ``[batch, *input_shape]`` if ``request`` is
@@ -200,11 +288,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._name = model_name
         self._max_batch = max_batch
         self._plan: _Plan | None = None
+        # Compute the next version's plan in the swapping thread, not in its first request.
+        serving.add_listener(self._plan_for)
+        self.parsed_calls = 0
+        """ModelInfer requests (as bytes) that the wire path left to the parsed paths."""
         self.full_path_calls = 0
-        """ModelInfer requests that took the full validating path (for tests; not exact
-        under concurrency, the increment is not atomic)."""
+        """ModelInfer requests that took the full validating path. Both counters are for
+        tests: not exact under concurrency, the increment is not atomic."""
 
     # -- helpers ------------------------------------------------------------------------
+    def _plan_for(self, model: ServingModel) -> _Plan:
+        plan = self._plan
+        if plan is None or plan.model() is not model:
+            plan = _Plan.of(model, self._name, self._max_batch)
+            # Cache only the serving version's plan: a request still finishing on the
+            # previous version must not evict it (each would then rebuild the other).
+            if model is self._serving.current:
+                self._plan = plan
+        return plan
+
     def _resolve(self, name: str, version: str) -> ServingModel:
         """The serving model if ``name``/``version`` designate it; else NOT_FOUND/UNAVAILABLE."""
         if name != self._name:
@@ -274,14 +376,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     # -- inference ----------------------------------------------------------------------
+    def model_infer_bytes(self, data: bytes, context: grpc.ServicerContext) -> bytes:
+        """ModelInfer on the request's bytes, answering with the response's bytes: the
+        wire path, else :meth:`ModelInfer` on the parsed request."""
+        model = self._serving.current
+        if model is not None:
+            plan = self._plan_for(model)
+            x = plan.decode_wire(data)
+            if x is not None:
+                try:
+                    probs = model.infer_checked(x)
+                except Exception as exc:
+                    abort(context, exc, "ModelInfer")
+                return plan.encode_wire(probs)
+        self.parsed_calls += 1
+        try:
+            request = pb.ModelInferRequest.FromString(data)
+        except DecodeError as exc:
+            abort(
+                context,
+                InvalidInput(f"the request is not a valid ModelInferRequest message: {exc}"),
+                "ModelInfer",
+            )
+        return self.ModelInfer(request, context).SerializeToString()
+
     def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.ServicerContext
     ) -> pb.ModelInferResponse:
         model = self._serving.current
         if model is not None and request.model_name == self._name:
-            plan = self._plan
-            if plan is None or plan.model() is not model:
-                plan = self._plan = _Plan.of(model)
+            plan = self._plan_for(model)
             x = plan.decode(request, self._max_batch)
             if x is not None:
                 try:
@@ -336,3 +460,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:
             abort(context, exc, "ModelInfer")
         return self._answer(str(model.version), request.id, card.output.name, probs)
+
+
+def add_to_server(servicer: InferenceServicer, server: grpc.Server) -> None:
+    """Register ``servicer`` as ``inference.GRPCInferenceService`` on ``server``.
+
+    Five methods are registered as the generated ``add_..._to_server`` would (protobuf
+    messages in and out); ModelInfer with bytes in and out, served by
+    :meth:`InferenceServicer.model_infer_bytes`.
+    """
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        if method.client_streaming or method.server_streaming:
+            raise TypeError(f"{method.full_name} is streaming; only unary methods are expected")
+        if method.name == "ModelInfer":
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(servicer.model_infer_bytes)
+            continue
+        request_class = message_factory.GetMessageClass(method.input_type)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=request_class.FromString,
+            response_serializer=lambda response: response.SerializeToString(),
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -44,7 +44,6 @@ from edge.model_store import atomic_write
 from edge.node import EdgeNode
 from edge.serving import ServingModel
 from protos.edgefl.v1 import local_data_pb2_grpc, trainer_pb2_grpc
-from protos.kserve import grpc_predict_v2_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ def build_server(
     )
     names: list[str] = []
     if only in (None, "inference"):
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        inference_service.add_to_server(
             inference_service.InferenceServicer(node.serving, settings.model.name, cfg.max_batch),
             server,
         )

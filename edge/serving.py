@@ -119,7 +119,7 @@ class Serving:
         self.num_threads = num_threads
         self._current: ServingModel | None = None
         self._swap_lock = threading.Lock()
-        self._listeners: list[Callable[[ServingModel], None]] = []
+        self._listeners: list[Callable[[ServingModel], object]] = []
 
     @property
     def current(self) -> ServingModel | None:
@@ -139,8 +139,9 @@ class Serving:
             raise ModelNotLoaded("no model is loaded yet; waiting for the first release")
         return model
 
-    def add_listener(self, callback: Callable[[ServingModel], None]) -> None:
-        """Call ``callback(model)`` after every swap (from the swapping thread)."""
+    def add_listener(self, callback: Callable[[ServingModel], object]) -> None:
+        """Call ``callback(model)`` after every swap (from the swapping thread; what it
+        returns is ignored)."""
         self._listeners.append(callback)
 
     def build(self, version: int, package: ModelPackage, sha256: str = "") -> ServingModel:

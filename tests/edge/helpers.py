@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -247,6 +248,22 @@ def _enospc(root: str) -> None:
     outcome["versions"] = reopened.versions()
     outcome["files"] = sorted(p.name for p in Path(root).iterdir())
     print("RESULT " + json.dumps(outcome), flush=True)
+
+
+def run_triton(address: str, calls: list[dict[str, Any]], workdir: Path) -> list[dict[str, Any]]:
+    """Run tritonclient calls in a client subprocess; return their outcomes in order."""
+    spec, out = workdir / "calls.json", workdir / "outcomes.json"
+    spec.write_text(json.dumps(calls))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.edge.helpers", "triton-calls", address, str(spec), str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, f"triton client failed:\n{proc.stdout}\n{proc.stderr}"
+    return list(json.loads(out.read_text()))
 
 
 def _triton_call(client: Any, address: str, call: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -25,11 +24,11 @@ import pytest
 from edge.litert_model import LiteRTModel
 from tests.edge.helpers import (
     READY_RE,
-    REPO_ROOT,
     device_config,
     make_package,
     model_weights,
     perturbed,
+    run_triton,
     start_process,
     wait_for_line,
 )
@@ -40,22 +39,6 @@ MAX_MESSAGE = 64 * 1024
 
 def digits_batch(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 1, size=(n, 64)).astype(np.float32)
-
-
-def run_triton(address: str, calls: list[dict[str, Any]], workdir: Path) -> list[dict[str, Any]]:
-    """Run tritonclient calls in a client subprocess; return their outcomes in order."""
-    spec, out = workdir / "calls.json", workdir / "outcomes.json"
-    spec.write_text(json.dumps(calls))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.edge.helpers", "triton-calls", address, str(spec), str(out)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, f"triton client failed:\n{proc.stdout}\n{proc.stderr}"
-    return list(json.loads(out.read_text()))
 
 
 @dataclass
