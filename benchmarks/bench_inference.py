@@ -90,7 +90,7 @@ class Sizes:
     so that a change in the shared machine's load hits ours and the floor alike."""
 
 
-FULL = Sizes(warmup=20, sequential=2400, per_client=960, clients=4, bare=5000, starts=3, blocks=12)
+FULL = Sizes(warmup=20, sequential=4800, per_client=4800, clients=4, bare=5000, starts=3, blocks=12)
 QUICK = Sizes(warmup=5, sequential=40, per_client=20, clients=4, bare=100, starts=1, blocks=2)
 
 
