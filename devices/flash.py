@@ -166,6 +166,7 @@ def render_edge_toml(
         "",
         "[litert]",
         f"threads = {profile.litert.threads}",
+        f"delegate = {_q(profile.litert.delegate)}",
         "",
         "[training]",
         f"epochs = {profile.training.epochs}",

@@ -22,14 +22,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Union
 
+from edge.config import LITERT_DELEGATES
 from protos.topics import TopicError, check_name
 
 #: CPU architectures with ``ai-edge-litert`` wheels (no 32-bit ARM: see DESIGN.md).
 ARCHITECTURES = ("aarch64", "x86_64")
 #: How a fresh image is provisioned at first boot.
 PROVISIONING = ("cloud-init",)
-#: LiteRT delegates a profile may name (the pip wheel ships XNNPACK on the CPU).
-DELEGATES = ("xnnpack", "none")
+#: LiteRT delegates a profile may name: what a device's ``[litert] delegate`` accepts.
+DELEGATES = LITERT_DELEGATES
 #: Python versions the edge extra installs on.
 PYTHONS = ("3.11", "3.12", "3.13")
 

@@ -76,6 +76,11 @@ DEFAULT_SERVING_THREADS = 2
 """Interpreters in the serving pool (concurrent inferences)."""
 DEFAULT_LITERT_THREADS = 1
 """CPU threads per LiteRT interpreter; one keeps several interpreters from competing."""
+LITERT_DELEGATES = ("xnnpack", "none")
+"""What runs the model's operators: ``xnnpack`` (LiteRT's default CPU delegate, which
+the pip wheel ships) or ``none`` (LiteRT's built-in reference kernels only: slower, for
+a board where XNNPACK misbehaves)."""
+DEFAULT_LITERT_DELEGATE = "xnnpack"
 DEFAULT_GRACE_S = 5.0
 """Seconds in-flight calls get to finish at shutdown."""
 DEFAULT_DRAIN_DELAY_S = 0.5
@@ -140,6 +145,8 @@ class LiteRTSettings:
 
     threads: int = DEFAULT_LITERT_THREADS
     """CPU threads each interpreter may use (serving pool and training alike)."""
+    delegate: str = DEFAULT_LITERT_DELEGATE
+    """One of :data:`LITERT_DELEGATES` (serving pool and training alike)."""
 
 
 @dataclass(frozen=True)
@@ -261,6 +268,10 @@ _RULES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("grpc", "grace_s"): (lambda v: v >= 0, "must be >= 0"),
     ("grpc", "drain_delay_s"): (lambda v: v >= 0, "must be >= 0"),
     ("litert", "threads"): (lambda v: 1 <= v <= 64, "must be in 1..64"),
+    ("litert", "delegate"): (
+        lambda v: v in LITERT_DELEGATES,
+        f"must be one of {', '.join(map(repr, LITERT_DELEGATES))}",
+    ),
     ("training", "epochs"): (lambda v: v >= 0, "must be >= 0"),
     ("training", "learning_rate"): (lambda v: v is None or v > 0, "must be > 0"),
     ("training", "batch"): (lambda v: v is None or v >= 1, "must be >= 1"),

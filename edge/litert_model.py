@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from edge.model_card import ModelCard
 
@@ -120,17 +120,31 @@ class LiteRTModel:
 
     card: ModelCard
 
-    def __init__(self, tflite: bytes, card: ModelCard, *, num_threads: int = 1) -> None:
+    def __init__(
+        self, tflite: bytes, card: ModelCard, *, num_threads: int = 1, delegate: str = "xnnpack"
+    ) -> None:
         """Create the interpreter and signature runners; check them against ``card``.
 
+        ``delegate`` is ``"xnnpack"`` (LiteRT's default CPU delegate) or ``"none"``
+        (the built-in reference kernels only; see ``edge.config.LITERT_DELEGATES``).
         Raises :class:`ModelContractError` when a signature, tensor name or shape that
-        the card promises is missing from the model.
+        the card promises is missing from the model, ``ValueError`` for another delegate.
         """
+        options: dict[str, Any] = {}
+        if delegate == "none":
+            options["experimental_op_resolver_type"] = (
+                OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+            )
+        elif delegate != "xnnpack":
+            raise ValueError(f"unknown LiteRT delegate {delegate!r}; use 'xnnpack' or 'none'")
         self.card = card
         self._tflite = bytes(tflite)
         self._num_threads = num_threads
+        self._delegate = delegate
         try:
-            self._interpreter = Interpreter(model_content=self._tflite, num_threads=num_threads)
+            self._interpreter = Interpreter(
+                model_content=self._tflite, num_threads=num_threads, **options
+            )
         except (ValueError, RuntimeError) as exc:
             raise ModelContractError(f"LiteRT cannot load the model: {exc}") from exc
         signatures = self._interpreter.get_signature_list()
@@ -142,20 +156,30 @@ class LiteRTModel:
         self._check_shapes()
         self._infer_call = _InferCall(self._infer, card.input.name, card.output.name)
         logger.debug(
-            "loaded %s (%d bytes, %d threads)", card.architecture_id, len(self._tflite), num_threads
+            "loaded %s (%d bytes, %d threads, delegate %s)",
+            card.architecture_id,
+            len(self._tflite),
+            num_threads,
+            delegate,
         )
 
     # -- construction helpers -----------------------------------------------------------
     @classmethod
-    def load(cls, directory: str | Path, *, num_threads: int = 1) -> LiteRTModel:
+    def load(
+        cls, directory: str | Path, *, num_threads: int = 1, delegate: str = "xnnpack"
+    ) -> LiteRTModel:
         """Load ``model.tflite`` + ``card.json`` from a build directory."""
         directory = Path(directory)
         card = ModelCard.load(directory / CARD_FILE)
-        return cls((directory / MODEL_FILE).read_bytes(), card, num_threads=num_threads)
+        return cls(
+            (directory / MODEL_FILE).read_bytes(), card, num_threads=num_threads, delegate=delegate
+        )
 
     def clone(self) -> LiteRTModel:
         """A new, independent interpreter of the same model holding the current weights."""
-        other = LiteRTModel(self._tflite, self.card, num_threads=self._num_threads)
+        other = LiteRTModel(
+            self._tflite, self.card, num_threads=self._num_threads, delegate=self._delegate
+        )
         other.set_weights(self.get_weights())
         return other
 
@@ -168,6 +192,11 @@ class LiteRTModel:
     def num_threads(self) -> int:
         """CPU threads the interpreter may use."""
         return self._num_threads
+
+    @property
+    def delegate(self) -> str:
+        """``"xnnpack"`` or ``"none"``: what runs the operators."""
+        return self._delegate
 
     @property
     def infer_path(self) -> str:

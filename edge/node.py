@@ -45,7 +45,9 @@ class EdgeNode:
         self.store = ModelStore(data_dir / "models", keep=settings.model.keep_versions)
         self.data = LocalData(data_dir / "samples", capacity=settings.data.capacity)
         self.serving = Serving(
-            pool_size=settings.grpc.serving_threads, num_threads=settings.litert.threads
+            pool_size=settings.grpc.serving_threads,
+            num_threads=settings.litert.threads,
+            delegate=settings.litert.delegate,
         )
         self.trainer = LocalTrainer(
             self.serving, self.data, settings.training, on_fit=self._fit_done

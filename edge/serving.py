@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from edge.config import LITERT_DELEGATES
 from edge.errors import InstallError, ModelNotLoaded, WeightMismatch
 from edge.litert_model import LiteRTModel, ModelContractError, WeightMismatchError
 from edge.model_card import ModelCard, ModelCardError
@@ -44,9 +45,10 @@ class ServingModel:
         pool_size: int = 2,
         sha256: str = "",
         num_threads: int = 1,
+        delegate: str = "xnnpack",
     ) -> None:
-        """Build ``pool_size`` interpreters (``num_threads`` CPU threads each) holding the
-        package's weights, and warm them.
+        """Build ``pool_size`` interpreters (``num_threads`` CPU threads each, LiteRT
+        ``delegate``) holding the package's weights, and warm them.
 
         Raises :class:`InstallError` when the package's card, model or weights are unusable.
         """
@@ -69,7 +71,9 @@ class ServingModel:
         warm = np.zeros((1, *self.card.input_shape), dtype=np.float32)
         for _ in range(pool_size):
             try:
-                model = LiteRTModel(package.tflite, self.card, num_threads=num_threads)
+                model = LiteRTModel(
+                    package.tflite, self.card, num_threads=num_threads, delegate=delegate
+                )
                 if package.weights:
                     model.set_weights(package.weights)
                 model.infer(warm)
@@ -110,13 +114,17 @@ class ServingModel:
 class Serving:
     """The device-wide reference to the model being served, swapped atomically."""
 
-    def __init__(self, pool_size: int = 2, num_threads: int = 1) -> None:
+    def __init__(self, pool_size: int = 2, num_threads: int = 1, delegate: str = "xnnpack") -> None:
         """Start with nothing to serve; ``pool_size`` interpreters per loaded version,
-        each using ``num_threads`` CPU threads (``[litert] threads``)."""
+        each using ``num_threads`` CPU threads (``[litert] threads``) and ``delegate``
+        (``[litert] delegate``)."""
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        if delegate not in LITERT_DELEGATES:
+            raise ValueError(f"delegate must be one of {LITERT_DELEGATES}, got {delegate!r}")
         self.pool_size = pool_size
         self.num_threads = num_threads
+        self.delegate = delegate
         self._current: ServingModel | None = None
         self._swap_lock = threading.Lock()
         self._listeners: list[Callable[[ServingModel], object]] = []
@@ -147,7 +155,12 @@ class Serving:
     def build(self, version: int, package: ModelPackage, sha256: str = "") -> ServingModel:
         """Build and warm a :class:`ServingModel` without serving it yet."""
         return ServingModel(
-            version, package, pool_size=self.pool_size, sha256=sha256, num_threads=self.num_threads
+            version,
+            package,
+            pool_size=self.pool_size,
+            sha256=sha256,
+            num_threads=self.num_threads,
+            delegate=self.delegate,
         )
 
     def swap(self, model: ServingModel) -> ServingModel | None:

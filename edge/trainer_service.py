@@ -106,7 +106,10 @@ class LocalTrainer:
         if self._model is None or self._model_key != key:
             logger.info("building the training interpreter for %s", key[0])
             self._model = LiteRTModel(
-                serving.package.tflite, serving.card, num_threads=self._serving.num_threads
+                serving.package.tflite,
+                serving.card,
+                num_threads=self._serving.num_threads,
+                delegate=self._serving.delegate,
             )
             self._model_key = key
         return self._model

@@ -11,6 +11,8 @@ full one, which names the problem.
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import threading
 import weakref
 from concurrent import futures
@@ -29,7 +31,7 @@ from edge.serving import Serving, ServingModel
 from protos.codec import package_from_bytes
 from protos.errors import CodecError
 from protos.kserve import grpc_predict_v2_pb2 as pb
-from tests.edge.helpers import make_package, run_triton
+from tests.edge.helpers import REPO_ROOT, make_package, run_triton
 
 MAX_BATCH = 8
 
@@ -359,9 +361,10 @@ def test_a_replaced_version_is_not_kept_alive_by_the_short_path(mlp_model_dir: P
     assert servicer.full_path_calls == 0
 
 
-def test_litert_threads_reach_serving_and_training_interpreters(
+def test_litert_settings_reach_serving_and_training_interpreters(
     mlp_model_dir: Path, tmp_path: Path
 ) -> None:
+    """``[litert] threads`` and ``delegate`` reach every interpreter the node builds."""
     from edge.config import load_settings
     from edge.node import EdgeNode
     from tests.edge.helpers import write_config
@@ -373,15 +376,43 @@ def test_litert_threads_reach_serving_and_training_interpreters(
         {
             "device": {"id": "t-1", "data_dir": "state"},
             "grpc": {"serving_threads": 2},
-            "litert": {"threads": 3},
+            "litert": {"threads": 3, "delegate": "none"},
             "model": {"initial_package": str(package)},
         },
     )
     node = EdgeNode(load_settings(config, env={}))
     node.start()
     model = node.serving.require()
-    assert [m.num_threads for _, m in model._slots] == [3, 3]
-    assert node.trainer._interpreter(model).num_threads == 3
-    x = np.zeros((2, 64), np.float32)  # a 3-thread interpreter answers like a 1-thread one
+    assert [(m.num_threads, m.delegate) for _, m in model._slots] == [(3, "none"), (3, "none")]
+    trainer = node.trainer._interpreter(model)
+    assert (trainer.num_threads, trainer.delegate) == (3, "none")
+    # Reference kernels on 3 threads answer like XNNPACK on 1, and training runs on them.
+    x = np.random.default_rng(4).random((trainer.train_batch, 64), dtype=np.float32)
     reference = Serving(pool_size=1, num_threads=1).build(1, model.package).infer(x)
-    np.testing.assert_allclose(model.infer(x), reference, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(model.infer(x), reference, rtol=1e-5, atol=1e-6)
+    loss, _ = trainer.train_step(x, np.arange(trainer.train_batch) % 10, lr=0.1)
+    assert np.isfinite(loss) and loss > 0
+    with pytest.raises(ValueError, match="delegate must be one of"):
+        Serving(delegate="gpu")
+
+
+@pytest.mark.parametrize("delegate", ["xnnpack", "none"])
+def test_litert_delegate_decides_whether_xnnpack_is_created(
+    mlp_model_dir: Path, delegate: str
+) -> None:
+    """LiteRT logs the creation of its XNNPACK delegate to stderr (C++ logging, so a
+    child process); with ``none`` it must not be created at all."""
+    code = (
+        "import sys; from edge.litert_model import LiteRTModel; "
+        "LiteRTModel.load(sys.argv[1], delegate=sys.argv[2]).infer([[0.0] * 64])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(mlp_model_dir), delegate],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert ("XNNPACK delegate" in proc.stderr) == (delegate == "xnnpack"), proc.stderr
