@@ -791,6 +791,14 @@ class Registry:
 
         Returns whether the stored status changed (an older, re-delivered status is
         ignored, so MQTT redeliveries and retained messages cannot roll a device back).
+
+        One exception: an older OFFLINE status still marks an online device OFFLINE.
+        That is how a device's Last Will arrives: the agent composes it when it
+        connects, so when the broker publishes it after the device died, its timestamp
+        and version are those of the connection, older than the statuses sent since.
+        Only the state changes then; the stored version and timestamp stay, being newer
+        knowledge, so the device's next status after it reconnects is accepted. A stale
+        OFFLINE redelivered while the device is up is corrected by its next status.
         """
         if not status.device_id:
             raise InvalidRecordError("device status without device_id")
@@ -800,7 +808,11 @@ class Registry:
         with self._write() as session:
             row = session.get(DeviceRow, status.device_id)
             if row is not None and row.timestamp_ms > status.timestamp_ms:
-                return False
+                if status.state != "OFFLINE" or row.state == "OFFLINE":
+                    return False
+                row.state = "OFFLINE"
+                row.received_at = time.time()
+                return True
             if row is None:
                 row = DeviceRow(device_id=status.device_id)
                 session.add(row)

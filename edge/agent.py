@@ -19,7 +19,9 @@ mid-download supersedes the download. Every failure becomes a ``DeviceEvent`` on
 device's event topic; nothing received from the network can stop the agent.
 
 The MQTT session is persistent (MQTT 5 session expiry, client id = device id), and the
-Last Will is a retained OFFLINE status on the device's status topic. The last accepted
+Last Will is a retained OFFLINE status on the device's status topic. It is composed
+before each connection, so it carries that moment's timestamp and serving version; the
+cloud registry accepts it even though it is older than the statuses sent since. The last accepted
 ``sequence`` is persisted through ``node.write_state`` under ``"sequence"``; a manifest
 whose install failed is not retried by the same process (a restart retries it).
 """

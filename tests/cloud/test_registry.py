@@ -294,6 +294,24 @@ def test_device_status_newest_wins_and_spread(registry: Registry) -> None:
         registry.get_device("nope")
 
 
+def test_a_last_will_older_than_the_stored_status_still_marks_the_device_offline(
+    registry: Registry,
+) -> None:
+    """The Last Will is composed at connect time (older timestamp and version)."""
+    registry.upsert_device_status(_status("d1", 3, ts=5000))
+    assert registry.upsert_device_status(_status("d1", 2, state="OFFLINE", ts=1000)) is True
+    d1 = registry.get_device("d1")
+    assert (d1.online, d1.serving_version, d1.timestamp_ms) == (False, 3, 5000)
+    assert registry.spread(3) == {"serving": 0, "online": 0, "total": 1}
+    # Already offline: a second old OFFLINE changes nothing; an old SERVING never wins.
+    assert registry.upsert_device_status(_status("d1", 2, state="OFFLINE", ts=900)) is False
+    assert registry.upsert_device_status(_status("d1", 2, ts=4000)) is False
+    assert not registry.get_device("d1").online
+    # Back after a reconnect: its next status is newer than anything stored.
+    assert registry.upsert_device_status(_status("d1", 3, ts=6000)) is True
+    assert registry.get_device("d1").online
+
+
 def test_events_newest_first(registry: Registry) -> None:
     for i, kind in enumerate(("release_installed", "release_rejected", "install_failed")):
         registry.record_event(DeviceEvent("d1", 1000 + i, kind, detail=f"#{i}", version=i))

@@ -13,6 +13,7 @@ import pytest
 
 from cloud.broker import Broker
 from cloud.fleet_monitor import FleetMonitor
+from cloud.registry import Registry, sqlite_url
 from edge.agent import EVENT_CHUNK_REJECTED, EVENT_INSTALL_FAILED, EVENT_REJECTED
 from edge.process import ManagedProcess
 from protos import codec, signing, topics
@@ -191,15 +192,23 @@ def test_last_will_marks_a_killed_device_offline(
         cwd=REPO,
         env={"PYTHONPATH": str(REPO)},
     ).start()
+    registry = Registry(sqlite_url(tmp_path / "registry.db"))  # what the web UI reads
     try:
         alive = monitor.wait_for_status("dev-killed", lambda s: s.state != "OFFLINE", WAIT_S)
         assert alive.state == "DEGRADED"  # no model yet
+        assert registry.upsert_device_status(alive)
         proc.kill()
         gone = monitor.wait_for_status("dev-killed", lambda s: s.state == "OFFLINE", WAIT_S)
         assert gone.device_id == "dev-killed"
         assert proc.returncode() == -9
+        # The Will was composed at connect time, before the status the registry holds;
+        # the registry must still record the device as gone.
+        assert gone.timestamp_ms < alive.timestamp_ms
+        assert registry.upsert_device_status(gone)
+        assert not registry.get_device("dev-killed").online
     finally:
         proc.stop()
+        registry.close()
 
 
 @pytest.mark.parametrize("payload", [b"", b"\x00" * 10])
