@@ -173,6 +173,7 @@ def render_edge_toml(
         "",
         "[data]",
         f"capacity = {profile.data.cap_samples}",
+        f"max_mb = {profile.data.cap_mb}",
         "",
         "[mqtt]",
         f"host = {_q(cloud_host)}",

@@ -171,6 +171,9 @@ class DataSettings:
 
     capacity: int = DEFAULT_CAPACITY
     """Most samples kept; the oldest are evicted first."""
+    max_mb: int = 0
+    """Disk budget in MiB for the data directory's model files and samples together;
+    samples give way (oldest first) to models. 0: no budget, only ``capacity``."""
 
 
 @dataclass(frozen=True)
@@ -278,6 +281,7 @@ _RULES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("training", "proximal_mu"): (lambda v: v >= 0, "must be >= 0"),
     ("training", "seed"): (lambda v: v >= 0, "must be >= 0"),
     ("data", "capacity"): (lambda v: v >= 1, "must be >= 1"),
+    ("data", "max_mb"): (lambda v: v >= 0, "must be >= 0 (0: no budget)"),
     ("mqtt", "host"): (lambda v: bool(v), "is required"),
     ("mqtt", "port"): (lambda v: 1 <= v <= 65535, "must be in 1..65535"),
     ("mqtt", "keepalive"): (lambda v: v >= 1, "must be >= 1"),

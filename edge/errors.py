@@ -14,7 +14,8 @@ boundary and abort the call with the status code from :data:`GRPC_STATUS`::
     │   └── StoreCorrupt     a stored version no longer verifies         → DATA_LOSS
     ├── InstallError         a release could not be installed or served  → FAILED_PRECONDITION
     └── DataError            the local sample store failed               → INTERNAL
-        └── NoLocalData      training/evaluation with no samples stored  → FAILED_PRECONDITION
+        ├── NoLocalData      training/evaluation with no samples stored  → FAILED_PRECONDITION
+        └── NoRoomForSamples the disk budget leaves no room for samples  → RESOURCE_EXHAUSTED
 
 :class:`protos.errors.CodecError` (malformed wire data) maps to ``INVALID_ARGUMENT``.
 Anything else reaching a servicer is a bug: it is logged with its traceback and
@@ -102,6 +103,10 @@ class NoLocalData(DataError):
     """Training or evaluation was asked for while no samples are stored."""
 
 
+class NoRoomForSamples(DataError):
+    """``[data] max_mb`` leaves no room for a single sample (the models take it all)."""
+
+
 #: Exception class → gRPC status code. The most specific class in an error's MRO wins.
 GRPC_STATUS: dict[type[BaseException], grpc.StatusCode] = {
     CodecError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -113,6 +118,7 @@ GRPC_STATUS: dict[type[BaseException], grpc.StatusCode] = {
     StoreError: grpc.StatusCode.INTERNAL,
     InstallError: grpc.StatusCode.FAILED_PRECONDITION,
     NoLocalData: grpc.StatusCode.FAILED_PRECONDITION,
+    NoRoomForSamples: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DataError: grpc.StatusCode.INTERNAL,
     ConfigError: grpc.StatusCode.INTERNAL,
     EdgeError: grpc.StatusCode.INTERNAL,

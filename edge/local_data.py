@@ -11,10 +11,20 @@ load, reading stops at the first record that is short, has a bad magic or a bad 
 and the file is truncated back to the last good record (logged). So after a SIGKILL
 the store holds every acknowledged batch and no partial one.
 
-**Eviction policy: oldest first.** When an append would exceed ``capacity``, the
-oldest samples are dropped and the log is rewritten with the survivors (temp file,
-fsync, rename), which also compacts it. :meth:`LocalData.clear` and
+**Eviction policy: oldest first.** When an append would exceed the limit, the oldest
+samples are dropped and the log is rewritten with the survivors (temp file, fsync,
+rename), which also compacts it. :meth:`LocalData.clear` and
 :meth:`LocalData.load_partition` replace the log the same way.
+
+**The limit** is ``capacity`` samples, and with a disk budget (``max_bytes``, from
+``[data] max_mb``) also what fits in the budget once the model store's files
+(``reserved_bytes()``) are counted: the data directory holds models and samples, and
+samples give way, because a device cannot serve without its model. The budget is
+checked at every append against the log's real size (a log of many small records is
+compacted when the next one would not fit), so ``samples.log`` plus the model files
+stay within it. When the model files alone leave no room for one sample, an append
+is refused with :class:`~edge.errors.NoRoomForSamples` and nothing stored changes;
+a new, bigger model shrinks the room, and the next append evicts down to it.
 """
 
 from __future__ import annotations
@@ -26,12 +36,13 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edge.errors import DataError, InvalidInput, ModelNotLoaded
+from edge.errors import DataError, InvalidInput, ModelNotLoaded, NoRoomForSamples
 from edge.model_store import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -66,6 +77,7 @@ class DataStats:
 
     count: int
     capacity: int
+    """Most samples kept now: ``capacity``, or fewer where the disk budget binds."""
     label_counts: dict[int, int]
     input_shape: tuple[int, ...]
     eviction_policy: str = EVICTION_POLICY
@@ -81,6 +93,16 @@ def _encode(x: np.ndarray, y: np.ndarray) -> bytes:
         )
     )
     return _HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def _record_overhead(rank: int) -> int:
+    """Bytes of one record besides its samples: header, count, rank and dims."""
+    return _HEADER.size + 8 + 4 * rank
+
+
+def _sample_bytes(example_shape: tuple[int, ...]) -> int:
+    """Bytes one sample takes in a record: float32 values and an int32 label."""
+    return 4 * math.prod(example_shape) + 4
 
 
 def _decode(payload: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -127,12 +149,28 @@ def read_log(path: Path) -> tuple[list[tuple[np.ndarray, np.ndarray]], int, int]
 class LocalData:
     """Append-only, capacity-capped sample store persisted under ``root``. Thread-safe."""
 
-    def __init__(self, root: Path, capacity: int = 5000, spec: SampleSpec | None = None) -> None:
-        """Open (creating) the store and load what survived; ``spec`` validates appends."""
+    def __init__(
+        self,
+        root: Path,
+        capacity: int = 5000,
+        spec: SampleSpec | None = None,
+        *,
+        max_bytes: int = 0,
+        reserved_bytes: Callable[[], int] | None = None,
+    ) -> None:
+        """Open (creating) the store and load what survived; ``spec`` validates appends.
+
+        ``max_bytes`` > 0 is a disk budget shared with whatever ``reserved_bytes()``
+        reports in use (the model store); see the module docstring.
+        """
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.root = Path(root)
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self._reserved = reserved_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         self._path = self.root / LOG_FILE
         self._lock = threading.Lock()
@@ -156,8 +194,15 @@ class LocalData:
         else:
             self._x = np.zeros((0,), dtype=np.float32)
             self._y = np.zeros((0,), dtype=np.int32)
-        if self._x.shape[0] > capacity:
-            self._x, self._y = self._x[-capacity:], self._y[-capacity:]
+        limit = self._limit(self._x.shape[1:]) if len(self) else capacity
+        if self._x.shape[0] > limit:
+            logger.warning(
+                "sample store %s: keeping the newest %d of %d samples (limit)",
+                self.root,
+                limit,
+                self._x.shape[0],
+            )
+            self._x, self._y = self._x[len(self) - limit :], self._y[len(self) - limit :]
             self._rewrite()
         if spec is not None:
             self.set_spec(spec)
@@ -165,6 +210,30 @@ class LocalData:
 
     def __len__(self) -> int:
         return int(self._y.shape[0])
+
+    def _budget(self) -> int | None:
+        """Bytes ``samples.log`` may take now; ``None`` without a disk budget."""
+        if self.max_bytes <= 0:
+            return None
+        reserved = self._reserved() if self._reserved is not None else 0
+        return self.max_bytes - reserved
+
+    def _limit(self, example_shape: tuple[int, ...]) -> int:
+        """Most samples of ``example_shape`` kept now (see the module docstring)."""
+        budget = self._budget()
+        if budget is None:
+            return self.capacity
+        fits = (budget - _record_overhead(len(example_shape))) // _sample_bytes(example_shape)
+        return max(0, min(self.capacity, fits))
+
+    def _check_room(self, limit: int) -> None:
+        if limit < 1:
+            budget = self._budget() or 0
+            raise NoRoomForSamples(
+                f"no room for samples: the disk budget is {self.max_bytes / 2**20:.2f} MiB "
+                f"([data] max_mb) and the model files use {(self.max_bytes - budget) / 2**20:.2f} "
+                "MiB of it"
+            )
 
     @property
     def spec(self) -> SampleSpec | None:
@@ -213,14 +282,18 @@ class LocalData:
 
     # -- mutation -----------------------------------------------------------------------
     def append(self, x: np.ndarray, y: np.ndarray) -> AppendResult:
-        """Validate and persist a batch; evicts the oldest samples beyond ``capacity``."""
+        """Validate and persist a batch; evicts the oldest samples beyond the limit."""
         xs, ys = self._validate(np.asarray(x), np.asarray(y))
         with self._lock:
             n = ys.shape[0]
+            limit = self._limit(xs.shape[1:])
+            self._check_room(limit)
             new_x = xs if len(self) == 0 else np.concatenate([self._x, xs])
             new_y = ys if len(self) == 0 else np.concatenate([self._y, ys])
-            evicted = max(0, new_y.shape[0] - self.capacity)
-            if evicted:
+            evicted = max(0, new_y.shape[0] - limit)
+            # Rewriting drops the evicted samples and also compacts the log, whose
+            # per-record headers could otherwise outgrow the budget.
+            if evicted or not self._record_fits(xs):
                 new_x, new_y = new_x[evicted:], new_y[evicted:]
                 old = (self._x, self._y)
                 self._x, self._y = new_x, new_y
@@ -234,6 +307,19 @@ class LocalData:
                 self._x, self._y = new_x, new_y
             logger.debug("appended %d samples (%d evicted, %d total)", n, evicted, len(self))
             return AppendResult(accepted=n, evicted=evicted, total=len(self))
+
+    def _record_fits(self, xs: np.ndarray) -> bool:
+        """Whether appending ``xs`` as one more record keeps the log within the budget."""
+        budget = self._budget()
+        if budget is None:
+            return True
+        try:
+            size = self._path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        return (
+            size + _record_overhead(xs.ndim - 1) + len(xs) * _sample_bytes(xs.shape[1:]) <= budget
+        )
 
     def _append_record(self, x: np.ndarray, y: np.ndarray) -> None:
         record = _encode(x, y)
@@ -272,10 +358,13 @@ class LocalData:
             return removed
 
     def load_partition(self, x: np.ndarray, y: np.ndarray) -> AppendResult:
-        """Replace the contents with ``(x, y)`` (emulated devices); newest ``capacity`` kept."""
+        """Replace the contents with ``(x, y)`` (emulated devices); the newest that fit
+        the limit are kept."""
         xs, ys = self._validate(np.asarray(x), np.asarray(y))
         with self._lock:
-            evicted = max(0, ys.shape[0] - self.capacity)
+            limit = self._limit(xs.shape[1:])
+            self._check_room(limit)
+            evicted = max(0, ys.shape[0] - limit)
             self._x, self._y = xs[evicted:], ys[evicted:]
             self._rewrite()
             return AppendResult(accepted=int(ys.shape[0]), evicted=evicted, total=len(self))
@@ -297,7 +386,7 @@ class LocalData:
             )
             return DataStats(
                 count=len(self),
-                capacity=self.capacity,
+                capacity=self._limit(shape) if shape else self.capacity,
                 label_counts={int(k): int(v) for k, v in zip(labels, counts, strict=True)},
                 input_shape=shape,
             )

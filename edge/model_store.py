@@ -117,6 +117,15 @@ class ModelStore:
                 out[int(match.group(1))] = (match.group(2), path)
         return out
 
+    def disk_bytes(self) -> int:
+        """Bytes the store's files take (packages, pointer, state, leftovers)."""
+        total = 0
+        for path in self.root.iterdir():
+            with contextlib.suppress(OSError):  # removed meanwhile
+                if path.is_file():
+                    total += path.stat().st_size
+        return total
+
     def versions(self) -> list[int]:
         """Stored version numbers, ascending."""
         with self._lock:

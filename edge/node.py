@@ -43,7 +43,12 @@ class EdgeNode:
         data_dir = Path(settings.device.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = ModelStore(data_dir / "models", keep=settings.model.keep_versions)
-        self.data = LocalData(data_dir / "samples", capacity=settings.data.capacity)
+        self.data = LocalData(
+            data_dir / "samples",
+            capacity=settings.data.capacity,
+            max_bytes=settings.data.max_mb * 2**20,
+            reserved_bytes=self.store.disk_bytes,
+        )
         self.serving = Serving(
             pool_size=settings.grpc.serving_threads,
             num_threads=settings.litert.threads,

@@ -80,6 +80,7 @@ def test_tarball_is_complete_and_secrets_are_0600(fleet: SecureFleet, tmp_path: 
         "data_dir": "/var/lib/edgefl",
     }
     assert config["litert"] == {"threads": 2, "delegate": "xnnpack"}  # the rpi4 profile's
+    assert config["data"] == {"capacity": 5000, "max_mb": 512}
     assert config["grpc"]["serving_threads"] == 1
     assert config["mqtt"]["username"] == "pi-01"
     assert config["mqtt"]["host"] == "cloud.lan"

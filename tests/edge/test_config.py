@@ -14,7 +14,7 @@ def test_defaults_without_a_file() -> None:
     s = load_settings(None, env={})
     assert (s.grpc.host, s.grpc.port, s.grpc.max_batch) == ("127.0.0.1", 0, 256)
     assert s.grpc.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES == 4 * 1024 * 1024
-    assert s.grpc.serving_threads == 2 and s.data.capacity == 5000
+    assert s.grpc.serving_threads == 2 and (s.data.capacity, s.data.max_mb) == (5000, 0)
     assert (s.litert.threads, s.litert.delegate) == (1, "xnnpack")
     assert s.model.name == "digits" and s.model.initial_package is None
     assert s.training.learning_rate is None and s.training.batch is None
@@ -42,6 +42,9 @@ def test_file_values_relative_paths_and_env_overrides(tmp_path: Path) -> None:
     assert (s.grpc.port, s.grpc.serving_threads) == (0, 3)
     assert (s.litert.threads, s.litert.delegate) == (2, "none")
     assert load_settings(path, env={"EDGEFL_LITERT_THREADS": "4"}).litert.threads == 4
+    assert load_settings(path, env={"EDGEFL_DATA_MAX_MB": "512"}).data.max_mb == 512
+    with pytest.raises(ConfigError, match=r"\[data\] max_mb: must be >= 0"):
+        load_settings(path, env={"EDGEFL_DATA_MAX_MB": "-1"})
     assert s.training.learning_rate == 1.0 and isinstance(s.training.learning_rate, float)
     assert s.mqtt is not None and (s.mqtt.host, s.mqtt.port) == ("broker.local", 8883)
     assert s.mqtt.password_file == tmp_path / "secret"

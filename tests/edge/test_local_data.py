@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edge.config import load_settings
-from edge.errors import InvalidInput, ModelNotLoaded
+from edge.errors import InvalidInput, ModelNotLoaded, NoRoomForSamples, grpc_status
 from edge.local_data import LOG_FILE, LocalData, SampleSpec
 from edge.server import EdgeServer
 from protos import codec
@@ -51,6 +51,83 @@ def test_capacity_evicts_oldest_first(tmp_path: Path) -> None:
     x, _ = LocalData(tmp_path, capacity=10, spec=SPEC).snapshot()
     np.testing.assert_array_equal(x[:, 0], np.arange(3, 13))
     assert data.stats().eviction_policy == "oldest-first"
+
+
+SAMPLE_BYTES = 64 * 4 + 4  # float32 values and an int32 label
+RECORD_OVERHEAD = 12 + 8 + 4  # header, count and rank, one dim
+
+
+def test_disk_budget_evicts_oldest_and_keeps_the_log_within_it(tmp_path: Path) -> None:
+    reserved = [0]  # what the model store "uses"; the test moves it
+    budget = 20_000
+    data = LocalData(
+        tmp_path, capacity=1000, spec=SPEC, max_bytes=budget, reserved_bytes=lambda: reserved[0]
+    )
+    log = tmp_path / LOG_FILE
+    fits = (budget - RECORD_OVERHEAD) // SAMPLE_BYTES
+    for i in range(100):  # one sample per record: headers alone would outgrow the budget
+        data.append(*batch(i, 1))
+        assert log.stat().st_size <= budget
+    assert data.stats().capacity == fits == 76
+    x, _ = data.snapshot()
+    np.testing.assert_array_equal(x[:, 0], np.arange(100 - fits, 100))
+
+    # A bigger model: samples give way at the next append, oldest first.
+    reserved[0] = 10_000
+    result = data.append(*batch(100, 2))
+    fits = (budget - reserved[0] - RECORD_OVERHEAD) // SAMPLE_BYTES
+    assert (result.total, data.stats().capacity) == (fits, fits)
+    assert log.stat().st_size + reserved[0] <= budget
+    np.testing.assert_array_equal(data.snapshot()[0][:, 0], np.arange(102 - fits, 102))
+
+    # Reopened with a smaller budget: trimmed to it on open, newest kept.
+    smaller = LocalData(tmp_path, capacity=1000, spec=SPEC, max_bytes=5_000)
+    assert len(smaller) == (5_000 - RECORD_OVERHEAD) // SAMPLE_BYTES
+    assert (tmp_path / LOG_FILE).stat().st_size <= 5_000
+
+
+def test_no_room_for_samples_is_refused_and_loses_nothing(tmp_path: Path) -> None:
+    reserved = [0]
+    data = LocalData(
+        tmp_path, capacity=100, spec=SPEC, max_bytes=20_000, reserved_bytes=lambda: reserved[0]
+    )
+    data.append(*batch(0, 10))
+    before = (tmp_path / LOG_FILE).read_bytes()
+    reserved[0] = 19_990  # the models take the whole budget
+    with pytest.raises(NoRoomForSamples, match=r"model files use 0\.02 MiB") as info:
+        data.append(*batch(10, 1))
+    assert grpc_status(info.value) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(NoRoomForSamples):
+        data.load_partition(*batch(0, 5))
+    assert (tmp_path / LOG_FILE).read_bytes() == before and len(data) == 10
+    assert data.stats().capacity == 0
+    reserved[0] = 0  # room again
+    assert data.append(*batch(10, 1)).total == 11
+
+
+def test_disk_budget_counts_the_real_model_store(tmp_path: Path, mlp_model_dir: Path) -> None:
+    """``[data] max_mb`` through the node and the gRPC service: the room left for
+    samples is the budget minus the model store's files."""
+    pkg = tmp_path / "initial.pkg"
+    pkg.write_bytes(make_package(mlp_model_dir))
+    settings = load_settings(
+        device_config(tmp_path, initial_package=pkg), env={"EDGEFL_DATA_MAX_MB": "1"}
+    )
+    server = EdgeServer(settings, only="data")
+    server.start()
+    try:
+        models = server.node.store.disk_bytes()
+        assert models >= len(pkg.read_bytes())  # the installed package is counted
+        expected = (2**20 - models - RECORD_OVERHEAD) // SAMPLE_BYTES
+        with grpc.insecure_channel(server.address) as channel:
+            stub = local_data_pb2_grpc.LocalDataStub(channel)
+            assert stub.Stats(local_data_pb2.StatsRequest()).capacity == expected
+            reply = stub.Append(append_request(*batch(0, expected + 5)))
+            assert (reply.accepted, reply.evicted, reply.total) == (expected + 5, 5, expected)
+        size = (settings.device.data_dir / "samples" / LOG_FILE).stat().st_size
+        assert size + server.node.store.disk_bytes() <= 2**20
+    finally:
+        server.stop(grace=0)
 
 
 def test_clear_and_load_partition(tmp_path: Path) -> None:
