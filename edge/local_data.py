@@ -23,8 +23,9 @@ samples give way, because a device cannot serve without its model. The budget is
 checked at every append against the log's real size (a log of many small records is
 compacted when the next one would not fit), so ``samples.log`` plus the model files
 stay within it. When the model files alone leave no room for one sample, an append
-is refused with :class:`~edge.errors.NoRoomForSamples` and nothing stored changes;
-a new, bigger model shrinks the room, and the next append evicts down to it.
+is refused with :class:`~edge.errors.NoRoomForSamples` and nothing stored changes
+(opening the store then keeps what it holds, too); a new, bigger model shrinks the
+room, and the next append evicts down to it.
 """
 
 from __future__ import annotations
@@ -195,7 +196,16 @@ class LocalData:
             self._x = np.zeros((0,), dtype=np.float32)
             self._y = np.zeros((0,), dtype=np.int32)
         limit = self._limit(self._x.shape[1:]) if len(self) else capacity
-        if self._x.shape[0] > limit:
+        if limit == 0:
+            # Not on open: a budget the models alone exceed refuses appends, but
+            # wiping every stored sample at start would be out of all proportion.
+            logger.error(
+                "sample store %s: [data] max_mb leaves no room for samples; keeping the %d "
+                "stored, refusing appends",
+                self.root,
+                len(self),
+            )
+        elif self._x.shape[0] > limit:
             logger.warning(
                 "sample store %s: keeping the newest %d of %d samples (limit)",
                 self.root,

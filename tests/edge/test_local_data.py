@@ -101,6 +101,9 @@ def test_no_room_for_samples_is_refused_and_loses_nothing(tmp_path: Path) -> Non
         data.load_partition(*batch(0, 5))
     assert (tmp_path / LOG_FILE).read_bytes() == before and len(data) == 10
     assert data.stats().capacity == 0
+    # Reopening in that state keeps the stored samples (appends stay refused).
+    reopened = LocalData(tmp_path, 100, SPEC, max_bytes=20_000, reserved_bytes=lambda: 19_990)
+    assert len(reopened) == 10 and (tmp_path / LOG_FILE).read_bytes() == before
     reserved[0] = 0  # room again
     assert data.append(*batch(10, 1)).total == 11
 
