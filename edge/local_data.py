@@ -195,7 +195,7 @@ class LocalData:
         else:
             self._x = np.zeros((0,), dtype=np.float32)
             self._y = np.zeros((0,), dtype=np.int32)
-        limit = self._limit(self._x.shape[1:]) if len(self) else capacity
+        limit = self._limit(self._x.shape[1:], self._budget()) if len(self) else capacity
         if limit == 0:
             # Not on open: a budget the models alone exceed refuses appends, but
             # wiping every stored sample at start would be out of all proportion.
@@ -228,22 +228,26 @@ class LocalData:
         reserved = self._reserved() if self._reserved is not None else 0
         return self.max_bytes - reserved
 
-    def _limit(self, example_shape: tuple[int, ...]) -> int:
-        """Most samples of ``example_shape`` kept now (see the module docstring)."""
-        budget = self._budget()
+    def _limit(self, example_shape: tuple[int, ...], budget: int | None) -> int:
+        """Most samples of ``example_shape`` kept within ``budget`` (see the module docstring)."""
         if budget is None:
             return self.capacity
         fits = (budget - _record_overhead(len(example_shape))) // _sample_bytes(example_shape)
         return max(0, min(self.capacity, fits))
 
-    def _check_room(self, limit: int) -> None:
+    def _room(self, example_shape: tuple[int, ...]) -> tuple[int, int | None]:
+        """(limit, budget) for a write of ``example_shape`` samples (the model store is
+        measured once); :class:`NoRoomForSamples` when not one sample fits."""
+        budget = self._budget()
+        limit = self._limit(example_shape, budget)
         if limit < 1:
-            budget = self._budget() or 0
+            assert budget is not None  # without a budget the limit is capacity >= 1
             raise NoRoomForSamples(
                 f"no room for samples: the disk budget is {self.max_bytes / 2**20:.2f} MiB "
                 f"([data] max_mb) and the model files use {(self.max_bytes - budget) / 2**20:.2f} "
                 "MiB of it"
             )
+        return limit, budget
 
     @property
     def spec(self) -> SampleSpec | None:
@@ -296,14 +300,13 @@ class LocalData:
         xs, ys = self._validate(np.asarray(x), np.asarray(y))
         with self._lock:
             n = ys.shape[0]
-            limit = self._limit(xs.shape[1:])
-            self._check_room(limit)
+            limit, budget = self._room(xs.shape[1:])
             new_x = xs if len(self) == 0 else np.concatenate([self._x, xs])
             new_y = ys if len(self) == 0 else np.concatenate([self._y, ys])
             evicted = max(0, new_y.shape[0] - limit)
             # Rewriting drops the evicted samples and also compacts the log, whose
             # per-record headers could otherwise outgrow the budget.
-            if evicted or not self._record_fits(xs):
+            if evicted or not self._record_fits(xs, budget):
                 new_x, new_y = new_x[evicted:], new_y[evicted:]
                 old = (self._x, self._y)
                 self._x, self._y = new_x, new_y
@@ -318,9 +321,8 @@ class LocalData:
             logger.debug("appended %d samples (%d evicted, %d total)", n, evicted, len(self))
             return AppendResult(accepted=n, evicted=evicted, total=len(self))
 
-    def _record_fits(self, xs: np.ndarray) -> bool:
-        """Whether appending ``xs`` as one more record keeps the log within the budget."""
-        budget = self._budget()
+    def _record_fits(self, xs: np.ndarray, budget: int | None) -> bool:
+        """Whether appending ``xs`` as one more record keeps the log within ``budget``."""
         if budget is None:
             return True
         try:
@@ -372,8 +374,7 @@ class LocalData:
         the limit are kept."""
         xs, ys = self._validate(np.asarray(x), np.asarray(y))
         with self._lock:
-            limit = self._limit(xs.shape[1:])
-            self._check_room(limit)
+            limit, _ = self._room(xs.shape[1:])
             evicted = max(0, ys.shape[0] - limit)
             self._x, self._y = xs[evicted:], ys[evicted:]
             self._rewrite()
@@ -396,7 +397,7 @@ class LocalData:
             )
             return DataStats(
                 count=len(self),
-                capacity=self._limit(shape) if shape else self.capacity,
+                capacity=self._limit(shape, self._budget()) if shape else self.capacity,
                 label_counts={int(k): int(v) for k, v in zip(labels, counts, strict=True)},
                 input_shape=shape,
             )
