@@ -33,8 +33,10 @@ def version() -> str:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as dist_version
 
+    from edge import DIST_NAME
+
     try:
-        return dist_version("edgefl")
+        return dist_version(DIST_NAME)
     except PackageNotFoundError:
         return "0+unknown"
 

@@ -71,7 +71,7 @@ def check_litert() -> Check:
     check = _module_check(
         "ai-edge-litert",
         "ai_edge_litert.interpreter",
-        "pip install 'edgefl[edge]' (64-bit OS needed: no armv7l wheel exists)",
+        "pip install 'edgefl-fleet[edge]' (64-bit OS needed: no armv7l wheel exists)",
         required=True,
     )
     if check.status != "ok":
@@ -80,7 +80,7 @@ def check_litert() -> Check:
         import numpy as np
         from ai_edge_litert.interpreter import Interpreter  # noqa: F401
     except Exception as exc:
-        return Check("ai-edge-litert", "missing", str(exc), "pip install 'edgefl[edge]'")
+        return Check("ai-edge-litert", "missing", str(exc), "pip install 'edgefl-fleet[edge]'")
     return Check("ai-edge-litert", "ok", f"{check.detail} (numpy {np.__version__})")
 
 
@@ -117,7 +117,7 @@ def check_flower_cli() -> Check:
             "flower CLIs",
             "missing",
             f"not in {bindir}: {', '.join(missing)}",
-            "pip install 'edgefl[edge]'",
+            "pip install 'edgefl-fleet[edge]'",
         )
     return Check("flower CLIs", "ok", str(bindir))
 
@@ -145,29 +145,29 @@ def run_checks(role: str, data_dir: Path) -> list[Check]:
         check_python(),
         _module_check("numpy", "numpy", "pip install numpy", required=True),
         _module_check("protobuf", "google.protobuf", "pip install protobuf", required=True),
-        _module_check("grpcio", "grpc", "pip install 'edgefl[edge]'", required=True),
+        _module_check("grpcio", "grpc", "pip install 'edgefl-fleet[edge]'", required=True),
         _module_check(
             "grpcio-health-checking",
             "grpc_health.v1.health",
-            "pip install 'edgefl[edge]'",
+            "pip install 'edgefl-fleet[edge]'",
             required=True,
         ),
         _module_check(
             "grpcio-reflection",
             "grpc_reflection.v1alpha.reflection",
-            "pip install 'edgefl[edge]'",
+            "pip install 'edgefl-fleet[edge]'",
             required=True,
         ),
         check_litert(),
-        _module_check("paho-mqtt", "paho.mqtt.client", "pip install 'edgefl[edge]'", required=True),
-        _module_check("cryptography", "cryptography", "pip install 'edgefl[edge]'", required=True),
-        _module_check("flwr", "flwr", "pip install 'edgefl[edge]'", required=True),
+        _module_check("paho-mqtt", "paho.mqtt.client", "pip install 'edgefl-fleet[edge]'", required=True),
+        _module_check("cryptography", "cryptography", "pip install 'edgefl-fleet[edge]'", required=True),
+        _module_check("flwr", "flwr", "pip install 'edgefl-fleet[edge]'", required=True),
         check_flower_cli(),
         check_mosquitto(role),
         _module_check(
             "tensorflow",
             "tensorflow",
-            "pip install 'edgefl[cloud]' (cloud only; never on a device)",
+            "pip install 'edgefl-fleet[cloud]' (cloud only; never on a device)",
             required=cloud,
             import_it=False,
         )
@@ -178,8 +178,8 @@ def run_checks(role: str, data_dir: Path) -> list[Check]:
             "not needed on a device (model authoring runs in the cloud)",
             required=False,
         ),
-        _module_check("fastapi", "fastapi", "pip install 'edgefl[cloud]'", required=cloud),
-        _module_check("sqlalchemy", "sqlalchemy", "pip install 'edgefl[cloud]'", required=cloud),
+        _module_check("fastapi", "fastapi", "pip install 'edgefl-fleet[cloud]'", required=cloud),
+        _module_check("sqlalchemy", "sqlalchemy", "pip install 'edgefl-fleet[cloud]'", required=cloud),
         check_disk(data_dir),
     ]
     return checks

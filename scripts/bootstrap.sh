@@ -53,8 +53,13 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  say "installing edgefl[$EXTRAS] into $VENV (first run downloads TensorFlow; a few minutes)"
+  say "installing edgefl-fleet[$EXTRAS] into $VENV (first run downloads TensorFlow; a few minutes)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
+  # Before the rename our distribution was called "edgefl", which is an unrelated
+  # project on PyPI: drop either from an older venv so nothing shadows our packages.
+  if "$VENV/bin/python" -m pip show -q edgefl >/dev/null 2>&1; then
+    "$VENV/bin/python" -m pip uninstall -q -y edgefl
+  fi
   "$VENV/bin/python" -m pip install -q -c "$ROOT/requirements/constraints.txt" -e "$ROOT[$EXTRAS]"
   echo "$want" > "$stamp"
 fi
