@@ -360,12 +360,13 @@ def _measure_floor(
     return {"total_s": totals, "per_device_s": summarize(per_device)}
 
 
-def run(quick: bool = False, out_dir: Path | None = None) -> Report:
+def run(quick: bool = False, out_dir: Path | None = None, sizes: Sizes | None = None) -> Report:
     """Measure every fleet size and return the report (also written with ``out_dir``)."""
     from cloud.broker import Broker
     from protos import signing
 
-    sizes = QUICK if quick else FULL
+    if sizes is None:
+        sizes = QUICK if quick else FULL
     began = time.perf_counter()
     package = model_package(mlp_model_dir())
     from cloud.publisher import DEFAULT_CHUNK_SIZE
@@ -453,11 +454,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--pubkey", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--chunks", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--fleets", help="comma-separated fleet sizes, e.g. 10,100,1000")
+    parser.add_argument("--workers", type=int, help="device worker processes per fleet")
+    parser.add_argument("--reps", type=int, help="releases measured per fleet size")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.worker:
         return worker(args)
-    report = run(args.quick, args.out)
+    base = QUICK if args.quick else FULL
+    sizes = Sizes(
+        fleets=tuple(int(n) for n in args.fleets.split(",")) if args.fleets else base.fleets,
+        reps=args.reps or base.reps,
+        workers=args.workers or base.workers,
+    )
+    report = run(args.quick, args.out, sizes)
     print(report.markdown())
     return 0
 

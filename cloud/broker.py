@@ -28,6 +28,12 @@ logger = logging.getLogger(__name__)
 
 #: PBKDF2 iterations Mosquitto 2.x uses for its ``$7$`` password hashes.
 PBKDF2_ITERATIONS = 101
+#: QoS 1 messages Mosquitto queues per client beyond those in flight (its own default is 1000).
+#: The cloud's fleet monitor receives about four messages per device for every release
+#: (statuses and the install event) at once; above the limit Mosquitto drops them, logging
+#: only "Outgoing messages are being dropped". A queued message is a reference to one
+#: stored copy, so a large limit costs little memory.
+DEFAULT_MAX_QUEUED_MESSAGES = 1_000_000
 
 
 class BrokerError(RuntimeError):
@@ -101,6 +107,8 @@ class BrokerConfig:
     persistence: bool = True
     #: Largest PUBLISH payload the broker accepts (0 = Mosquitto's default, no limit).
     message_size_limit: int = 0
+    #: QoS 1 messages queued per client beyond those in flight (Mosquitto ``max_queued_messages``).
+    max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES
 
     @property
     def tls(self) -> bool:
@@ -135,6 +143,7 @@ class BrokerConfig:
             ]
         if self.message_size_limit:
             lines.append(f"message_size_limit {self.message_size_limit}")
+        lines.append(f"max_queued_messages {self.max_queued_messages}")
         lines += [
             f"log_dest file {self.data_dir / 'mosquitto.log'}",
             "log_type error",

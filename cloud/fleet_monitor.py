@@ -6,6 +6,13 @@ them to the callbacks (the device registry and the UI wire themselves in there).
 keeps the latest status per device and recent events, so tests and the demo can wait
 for the fleet to converge (:meth:`FleetMonitor.wait_for_fleet_version`).
 
+Paho's network thread does no work of ours: ``on_message`` only queues the message, so
+its PUBACK goes out at once. Mosquitto keeps at most 20 unacknowledged messages in flight
+per client and queues the rest up to ``max_queued_messages``; acknowledging only after a
+registry write made a release to a few hundred devices overflow that queue and Mosquitto
+dropped statuses and events (issue 18). A **worker** thread decodes the queued messages
+in batches and calls the callbacks; :attr:`FleetMonitor.backlog` is how many wait.
+
 Malformed payloads (anyone who may publish on the broker can send them) are logged and
 dropped; a callback that raises is logged and does not stop the monitor.
 """
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -39,6 +47,10 @@ _T = TypeVar("_T")
 
 #: How many recent events the monitor keeps in memory.
 EVENT_HISTORY = 1000
+#: Most messages the worker takes off the queue for one batch of callbacks.
+MAX_BATCH = 1000
+
+_STOP = ("", b"")
 
 
 class FleetTimeout(TimeoutError):
@@ -60,6 +72,7 @@ class FleetMonitor:
         fleet: str,
         on_status: Callable[[codec.DeviceStatus], None] = _ignore,
         on_event: Callable[[codec.DeviceEvent], None] = _ignore,
+        on_status_batch: Callable[[list[codec.DeviceStatus]], None] | None = None,
         username: str | None = None,
         password: str | None = None,
         ca_file: str | None = None,
@@ -70,6 +83,11 @@ class FleetMonitor:
         self.fleet = topics.check_name(fleet, what="fleet")
         self._on_status = on_status
         self._on_event = on_event
+        #: Called once per batch with the statuses decoded in it, oldest first (the
+        #: registry writes them in one transaction); ``on_status`` is then not called.
+        self._on_status_batch = on_status_batch
+        self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
         endpoint = Endpoint(
             host=host, port=port, username=username, password=password, ca_file=ca_file
         )
@@ -94,13 +112,27 @@ class FleetMonitor:
 
     def start(self, *, wait_s: float | None = 10.0) -> FleetMonitor:
         """Connect in the background; with ``wait_s``, wait that long for the first CONNACK."""
+        self._worker = threading.Thread(
+            target=self._work, name=f"monitor-{self.fleet}", daemon=True
+        )
+        self._worker.start()
         self._conn.start()
         if wait_s is not None and not self._conn.wait_connected(wait_s):
             logger.warning("fleet monitor not connected after %.0f s; still trying", wait_s)
         return self
 
-    def stop(self) -> None:
+    def stop(self, *, timeout: float = 10.0) -> None:
+        """Disconnect, then let the worker finish what is queued (up to ``timeout``)."""
         self._conn.stop()
+        if self._worker is not None:
+            self._inbox.put(_STOP)
+            self._worker.join(timeout)
+            self._worker = None
+
+    @property
+    def backlog(self) -> int:
+        """Messages received but not yet handled (a growing backlog: the cloud falls behind)."""
+        return self._inbox.qsize()
 
     def __enter__(self) -> FleetMonitor:
         return self.start()
@@ -124,34 +156,74 @@ class FleetMonitor:
         )
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        payload = bytes(msg.payload)
+        self._inbox.put((msg.topic, bytes(msg.payload)))
+
+    # -- worker --------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            batch = [self._inbox.get()]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            stop = _STOP in batch
+            try:
+                self._handle_batch([m for m in batch if m != _STOP])
+            except Exception:
+                # A bug must not kill the monitor; the next batch gets a fresh chance.
+                logger.exception("fleet monitor worker: unexpected error")
+            if stop:
+                return
+
+    def _handle_batch(self, batch: list[tuple[str, bytes]]) -> None:
+        statuses: list[codec.DeviceStatus] = []
+        events: list[codec.DeviceEvent] = []
+        for topic, payload in batch:
+            decoded = self._decode(topic, payload)
+            if isinstance(decoded, codec.DeviceStatus):
+                statuses.append(decoded)
+            elif isinstance(decoded, codec.DeviceEvent):
+                events.append(decoded)
+        if not statuses and not events:
+            return
+        with self._cond:
+            for status in statuses:
+                self._statuses[status.device_id] = status
+            self._events.extend(events)
+            self._cond.notify_all()
+        if statuses and self._on_status_batch is not None:
+            self._deliver(self._on_status_batch, statuses)
+        elif statuses:
+            for status in statuses:
+                self._deliver(self._on_status, status)
+        for event in events:
+            self._deliver(self._on_event, event)
+
+    def _decode(self, topic: str, payload: bytes) -> codec.DeviceStatus | codec.DeviceEvent | None:
         try:
-            parsed = topics.parse(msg.topic)
+            parsed = topics.parse(topic)
         except topics.TopicError as exc:
-            logger.warning("ignoring message on %r: %s", msg.topic, exc)
-            return
+            logger.warning("ignoring message on %r: %s", topic, exc)
+            return None
         if not payload:
-            logger.debug("ignoring empty payload on %s", msg.topic)
-            return
+            logger.debug("ignoring empty payload on %s", topic)
+            return None
         try:
             if parsed.kind == "status":
                 status = codec.status_from_bytes(payload)
-                self._check_sender(parsed.device, status.device_id, msg.topic)
-                with self._cond:
-                    self._statuses[status.device_id] = status
-                    self._cond.notify_all()
-                self._deliver(self._on_status, status)
-            elif parsed.kind == "event":
+                self._check_sender(parsed.device, status.device_id, topic)
+                return status
+            if parsed.kind == "event":
                 event = codec.event_from_bytes(payload)
-                self._check_sender(parsed.device, event.device_id, msg.topic)
-                with self._cond:
-                    self._events.append(event)
-                    self._cond.notify_all()
-                self._deliver(self._on_event, event)
+                self._check_sender(parsed.device, event.device_id, topic)
+                return event
         except CodecError as exc:
             self.malformed += 1
-            logger.warning("malformed payload on %s: %s", msg.topic, exc)
-            logger.debug("payload on %s: %r", msg.topic, payload)
+            logger.warning("malformed payload on %s: %s", topic, exc)
+            logger.debug("payload on %s: %r", topic, payload)
+        return None
 
     @staticmethod
     def _check_sender(topic_device: str, claimed: str, topic: str) -> None:
