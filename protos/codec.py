@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -372,30 +373,69 @@ def manifest_from_bytes(data: bytes, *, max_chunks: int = 1 << 16) -> Manifest:
     )
 
 
-def manifest_signing_bytes(m: Manifest) -> bytes:
-    """The canonical bytes a signature covers: the manifest with signature fields cleared.
+#: First line of the signed form; a new layout gets a new prefix.
+SIGNED_FORM_PREFIX = b"edgefl.release-manifest.v2\n"
 
-    Deterministic protobuf serialization of the same values is stable across processes
-    of the same protobuf version; to be independent of that too, the bytes are a
-    domain-separated, sorted-key JSON document of the manifest's values.
+#: How the signed bytes are built, in Markdown (docs/reference.md renders it).
+SIGNED_FORM_DOC = """\
+A release manifest's Ed25519 signature (RFC 8032, pure Ed25519, no pre-hash) covers
+these bytes, never the protobuf encoding. They hold no floating-point text, so any
+language can rebuild them from the manifest's values:
+
+1. the line `edgefl.release-manifest.v2`;
+2. one line `name=value` per field below, in this order: `fleet`, `version`,
+   `parent_version`, `round`, `created_at_ms`, `architecture_id`, `artifact_sha256`,
+   `artifact_size`, `chunk_size`, `chunk_count`, then one `chunk_sha256=` line per chunk
+   in chunk order, `metric_count`, then one `metric=` line per metric in the byte order
+   of the metric names' UTF-8, then `pinned` and `sequence`.
+
+Every line ends with a single line feed (0x0a), the last one included; nothing else
+separates or surrounds them. Values are written as:
+
+| kind | fields | written as |
+|---|---|---|
+| integer | `version`, `parent_version`, `round`, `created_at_ms`, `artifact_size`, `chunk_size`, `chunk_count`, `metric_count`, `sequence` | ASCII decimal, no sign for values ≥ 0, no leading zeros (`0` for zero) |
+| string | `fleet`, `architecture_id` | its UTF-8 byte length in decimal, `:`, then the UTF-8 bytes (`4:demo`) |
+| digest | `artifact_sha256`, each `chunk_sha256` | 64 lower-case hex digits |
+| boolean | `pinned` | `true` or `false` |
+| metric | each `metric` | the name as a string (length, `:`, bytes), one space, then the 16 lower-case hex digits of the value's IEEE 754 binary64 bit pattern, most significant byte first (0.5 → `3fe0000000000000`) |
+
+`signature` and `signing_key_id` are not part of the signed bytes. `signing_key_id` is
+the first 16 hex digits of the SHA-256 of the raw 32-byte public key.
+"""
+
+
+def _signed_str(value: str) -> bytes:
+    raw = value.encode("utf-8")
+    return str(len(raw)).encode("ascii") + b":" + raw
+
+
+def manifest_signing_bytes(m: Manifest) -> bytes:
+    """The bytes a manifest's signature covers (the layout is :data:`SIGNED_FORM_DOC`).
+
+    Signature fields are ignored. Strings are length-prefixed, so no character in an
+    architecture id or metric name can forge a line; metric values are their IEEE 754
+    bit patterns in hex, so no float formatting is involved.
     """
-    doc = {
-        "fleet": m.fleet,
-        "version": m.version,
-        "parent_version": m.parent_version,
-        "round": m.round,
-        "created_at_ms": m.created_at_ms,
-        "architecture_id": m.architecture_id,
-        "artifact_sha256": m.artifact_sha256,
-        "artifact_size": m.artifact_size,
-        "chunk_size": m.chunk_size,
-        "chunk_sha256": list(m.chunk_sha256),
-        "metrics": {k: float(v).hex() for k, v in sorted(m.metrics.items())},
-        "pinned": m.pinned,
-        "sequence": m.sequence,
-    }
-    body = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return b"edgefl.release-manifest.v1\n" + body.encode("ascii")
+    lines: list[bytes] = [
+        b"fleet=" + _signed_str(m.fleet),
+        b"version=%d" % m.version,
+        b"parent_version=%d" % m.parent_version,
+        b"round=%d" % m.round,
+        b"created_at_ms=%d" % m.created_at_ms,
+        b"architecture_id=" + _signed_str(m.architecture_id),
+        b"artifact_sha256=" + m.artifact_sha256.encode("ascii"),
+        b"artifact_size=%d" % m.artifact_size,
+        b"chunk_size=%d" % m.chunk_size,
+        b"chunk_count=%d" % len(m.chunk_sha256),
+        *(b"chunk_sha256=" + digest.encode("ascii") for digest in m.chunk_sha256),
+        b"metric_count=%d" % len(m.metrics),
+    ]
+    for name in sorted(m.metrics, key=lambda k: k.encode("utf-8")):
+        bits = struct.pack(">d", float(m.metrics[name])).hex()
+        lines.append(b"metric=" + _signed_str(name) + b" " + bits.encode("ascii"))
+    lines += [b"pinned=" + (b"true" if m.pinned else b"false"), b"sequence=%d" % m.sequence]
+    return SIGNED_FORM_PREFIX + b"".join(line + b"\n" for line in lines)
 
 
 def split_chunks(data: bytes, chunk_size: int) -> list[bytes]:

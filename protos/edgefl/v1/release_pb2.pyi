@@ -54,9 +54,9 @@ Global___Chunking: _TypeAlias = Chunking  # noqa: Y015
 
 @_typing.final
 class ReleaseManifest(_message.Message):
-    """A signed description of one global model version. The signature covers the
-    canonical bytes of the manifest with `signature` and `signing_key_id` cleared
-    (protos.codec.manifest_signing_bytes).
+    """A signed description of one global model version. The Ed25519 signature covers
+    the manifest's signed form (see "Signed release manifests" below; built by
+    protos.codec.manifest_signing_bytes), not this protobuf encoding.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
