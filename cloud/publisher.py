@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHUNK_SIZE = 256 * 1024
 #: Default seconds to wait for the CONNACK, for SUBACKs and for all PUBACKs of a release.
 DEFAULT_TIMEOUT_S = 30.0
+#: A retained manifest whose sequence is further ahead of our clock was not issued by us
+#: (sequences are the cloud's clock in ms); devices use the same bound by default.
+MAX_SEQUENCE_AHEAD_S = 24 * 3600.0
 
 
 class PublishError(RuntimeError):
@@ -192,6 +195,20 @@ class Publisher:
             )
             return
         self.previous = PreviousRelease(manifest.version, manifest.chunk_count, manifest.sequence)
+        ahead_ms = manifest.sequence - int(time.time() * 1000)
+        if ahead_ms > MAX_SEQUENCE_AHEAD_S * 1000:
+            # Signed with our key, yet from a clock far ahead of ours: we never issued it
+            # (devices refuse it too). Continuing from it would make our own releases look
+            # replayed to every device that did accept it, so it only gets its chunks cleared.
+            logger.warning(
+                "fleet %s: the retained manifest (version %d) carries sequence %d, %.1f h "
+                "ahead of this clock: not issued by this cloud; not continuing from it",
+                self.fleet,
+                manifest.version,
+                manifest.sequence,
+                ahead_ms / 3_600_000,
+            )
+            return
         self._last_sequence = manifest.sequence
         logger.info(
             "fleet %s: last published release is version %d (%d chunks, sequence %d)",

@@ -128,6 +128,23 @@ def resolve_cloud_data_dir(cloud_dir: Path) -> Path:
     )
 
 
+def fleet_floor(data_dir: Path) -> int:
+    """The sequence of the release the fleet serves now (0 before the first).
+
+    A device flashed with it as ``[trust] min_sequence`` refuses any older release, even
+    after losing its data directory. Read from the cloud's default registry
+    (``data_dir/registry.db``); a cloud on another database gives 0 (no floor).
+    """
+    db = data_dir / "registry.db"
+    if not db.exists():
+        return 0
+    from cloud.registry import Registry, sqlite_url
+
+    with Registry(sqlite_url(db)) as registry:
+        current = registry.current()
+    return 0 if current is None else current.sequence
+
+
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -184,6 +201,7 @@ def render_edge_toml(
         "",
         "[trust]",
         'signing_public_key = "trust/signing.pub"',
+        f"min_sequence = {fleet_floor(sf.data_dir)}",
         "",
     ]
     if has_model:

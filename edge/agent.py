@@ -10,8 +10,10 @@ Threads:
 * :class:`~edge.mqtt_util.MqttConnection`'s supervisor reconnects with exponential
   backoff and jitter.
 
-For every manifest: parse → same fleet → signature by the fleet key → ``sequence``
-newer than the last accepted one → ``version`` newer than the serving one, or a pin →
+For every manifest: parse → same fleet → signature by the fleet key → ``sequence`` not
+below the device's floor (``min_sequence``, from its bundle) and not ahead of its clock
+by more than ``max_sequence_ahead_s`` → ``sequence`` newer than the last accepted one →
+``version`` newer than the serving one, or a pin →
 subscribe to that version's chunks, check each against its digest (garbage and empty
 payloads are ignored, bad ones reported), reassemble, check size and SHA-256,
 ``node.install_release``, persist the sequence, report. A newer manifest arriving
@@ -24,6 +26,14 @@ before each connection, so it carries that moment's timestamp and serving versio
 cloud registry accepts it even though it is older than the statuses sent since. The last accepted
 ``sequence`` is persisted through ``node.write_state`` under ``"sequence"``; a manifest
 whose install failed is not retried by the same process (a restart retries it).
+
+Why the floor and the clock bound: the persisted sequence is lost with the state
+directory, but the bundle's ``[trust] min_sequence`` (the fleet's sequence when the device
+was flashed) is not, so a replayed release older than the bundle is refused even then.
+The cloud issues sequences from its clock (milliseconds, made strictly increasing), so a
+sequence far ahead of the device's clock was never issued: accepting it would make every
+later real release look replayed. Such a manifest is refused, kept, and looked at again
+as the device's clock advances (a device that booted with a stale clock catches up).
 """
 
 from __future__ import annotations
@@ -63,6 +73,8 @@ DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600
 DEFAULT_DOWNLOAD_RETRY_S = 30.0
 #: Bad chunks reported as events per download (more are only logged: no event floods).
 MAX_CHUNK_EVENTS = 5
+#: Default seconds a manifest's sequence may lie ahead of the device's clock.
+DEFAULT_MAX_SEQUENCE_AHEAD_S = 24 * 3600.0
 #: Key under which the last accepted manifest sequence is persisted in the node's state.
 STATE_SEQUENCE_KEY = "sequence"
 
@@ -134,6 +146,11 @@ class AgentSettings:
     session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S
     #: Seconds without chunk progress before re-subscribing to the chunks.
     download_retry_s: float = DEFAULT_DOWNLOAD_RETRY_S
+    #: Lowest release sequence ever accepted, whatever the persisted state says (the
+    #: bundle's ``[trust] min_sequence``); 0 = no floor beyond the persisted state.
+    min_sequence: int = 0
+    #: Seconds a manifest's sequence (the cloud's clock in ms) may lie ahead of ours.
+    max_sequence_ahead_s: float = DEFAULT_MAX_SEQUENCE_AHEAD_S
 
     def __post_init__(self) -> None:
         problems = []
@@ -148,6 +165,10 @@ class AgentSettings:
             problems.append("status_interval_s must be positive")
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
             problems.append("need 0 < reconnect_min_s <= reconnect_max_s")
+        if self.min_sequence < 0:
+            problems.append(f"min_sequence must be ≥ 0, got {self.min_sequence}")
+        if self.max_sequence_ahead_s <= 0:
+            problems.append("max_sequence_ahead_s must be positive")
         if problems:
             raise ConfigError(problems)
 
@@ -188,6 +209,8 @@ class Agent:
         self._retry: tuple[codec.Manifest, bytes, float, float] | None = None
         self._installing = False
         self._handled_sequence = 0  # highest sequence handled in this process (incl. failures)
+        #: A signed manifest whose sequence was ahead of our clock: looked at again later.
+        self._ahead: bytes | None = None
         self._last_error = ""
         endpoint = Endpoint(
             host=settings.host,
@@ -287,6 +310,7 @@ class Agent:
                     self._handle_message(topic, payload)
                 self._check_stalled_download()
                 self._retry_failed_install()
+                self._recheck_ahead()
                 if time.monotonic() >= next_status:
                     self._publish_status()
                     next_status = time.monotonic() + self.settings.status_interval_s
@@ -350,6 +374,24 @@ class Agent:
         except signing.SignatureError as exc:
             self._reject(manifest.version, f"bad signature: {exc}")
             return
+        if manifest.sequence < self.settings.min_sequence:
+            self._reject(
+                manifest.version,
+                f"replayed manifest: sequence {manifest.sequence} is below this device's "
+                f"floor {self.settings.min_sequence} ([trust] min_sequence)",
+            )
+            return
+        ahead_ms = manifest.sequence - _now_ms()
+        if ahead_ms > self.settings.max_sequence_ahead_s * 1000:
+            if self._ahead != payload:
+                self._reject(
+                    manifest.version,
+                    f"sequence {manifest.sequence} is {ahead_ms / 3_600_000:.1f} h ahead of "
+                    "this device's clock: never issued by the cloud (or this clock is wrong; "
+                    "looked at again as it advances)",
+                )
+            self._ahead = payload
+            return
         accepted = max(self._last_accepted_sequence(), self._handled_sequence)
         current = self._download.manifest if self._download is not None else None
         if manifest.sequence == accepted or (
@@ -388,6 +430,20 @@ class Agent:
             self._abandon_download("pinned release %d is already served")
             return
         self._start_download(manifest)
+
+    def _recheck_ahead(self) -> None:
+        """Look again at a manifest that was ahead of our clock, once the clock caught up."""
+        if self._ahead is None:
+            return
+        payload = self._ahead
+        try:
+            sequence = codec.manifest_from_bytes(payload).sequence
+        except CodecError:
+            self._ahead = None
+            return
+        if sequence - _now_ms() <= self.settings.max_sequence_ahead_s * 1000:
+            self._ahead = None
+            self._handle_manifest(payload)
 
     def _abandon_download(self, why: str) -> None:
         if self._download is not None:

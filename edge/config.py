@@ -202,6 +202,9 @@ class TrustSettings:
 
     signing_public_key: Path | None = None
     """Ed25519 public key that release manifests must be signed with."""
+    min_sequence: int = 0
+    """Release sequence below which no manifest is accepted, even after the data directory
+    was lost (``edgefl devices flash`` writes the fleet's sequence at flashing time)."""
 
 
 @dataclass(frozen=True)
@@ -286,6 +289,7 @@ _RULES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("mqtt", "port"): (lambda v: 1 <= v <= 65535, "must be in 1..65535"),
     ("mqtt", "keepalive"): (lambda v: v >= 1, "must be >= 1"),
     ("mqtt", "status_interval_s"): (lambda v: v > 0, "must be > 0"),
+    ("trust", "min_sequence"): (lambda v: v >= 0, "must be >= 0"),
     ("model", "name"): (lambda v: bool(v), "must not be empty"),
     ("model", "keep_versions"): (lambda v: v >= 1, "must be >= 1"),
     ("flower", "port"): (lambda v: 0 <= v <= 65535, "must be in 0..65535"),

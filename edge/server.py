@@ -208,6 +208,7 @@ def _start_agent(settings: Settings, node: EdgeNode) -> Any | None:
             keepalive=mqtt.keepalive,
             status_interval_s=mqtt.status_interval_s,
             signing_public_key=settings.trust.signing_public_key,
+            min_sequence=settings.trust.min_sequence,
         ),
         node,
     )
