@@ -276,7 +276,6 @@ def test_mutated_genuine_manifests(
         manifest = genuine_manifest(rig, 2, package, 8 * 1024)
         rig._manifest = codec.manifest_to_bytes(manifest)  # type: ignore[attr-defined]
     before = rig.node.serving_version()
-    before = rig.node.serving_version()
     mutated = mutate(rig._manifest, data)  # type: ignore[attr-defined]
     rig.feed(topics.release_manifest(FLEET), mutated)
     # Chunks of the genuine package follow, as they would on the broker.
@@ -284,10 +283,11 @@ def test_mutated_genuine_manifests(
         if data.draw(st.booleans(), label=f"send chunk {i}"):
             rig.feed(topics.release_chunk(FLEET, 2, i), chunk)
     version = rig.node.serving_version()
-    if version != before:
+    if version != before or version == 2:
         # A mutation the signature does not cover (an unknown field, a varint spelled
         # longer) may pass, now or completed by chunks of a later example; then the
-        # device must hold exactly the genuine release 2, byte for byte.
+        # device must hold exactly the genuine release 2, byte for byte. (The install
+        # may also finish after this example's read, so an example can start at 2.)
         assert version == 2
         current = rig.node.store.current()
         assert current is not None and current.data == package
