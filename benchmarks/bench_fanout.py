@@ -16,13 +16,19 @@ What runs, all on this machine in one run, through one real Mosquitto
   to the last acknowledgement. This is the same path (publish → broker → N devices →
   broker → cloud) without signatures, digests, manifests or status reports.
 
-Each size is measured ``reps`` times (a new version each time); the median is reported.
-Run ``python -m benchmarks.bench_fanout [--quick]``; ``--worker`` is the device side.
+Each size is measured ``reps`` times (a new version each time); the median and the
+maximum are reported. For every release the run also records the broker's and the cloud
+process's CPU seconds (``psutil``) and the bytes the broker sent (its
+``$SYS/broker/bytes/sent`` counter, published every second here), for ours and the floor.
+
+Run ``python -m benchmarks.bench_fanout [--quick] [--fleets 10,100,1000] [--workers N]``;
+``--worker`` is the device side.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import statistics
@@ -36,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import psutil
 
 from benchmarks.common import (
     REPO_ROOT,
@@ -67,8 +74,83 @@ class Sizes:
     workers: int
 
 
-FULL = Sizes(fleets=(10, 50), reps=5, workers=2)
+FULL = Sizes(fleets=(10, 100, 1000), reps=5, workers=10)
 QUICK = Sizes(fleets=(3,), reps=2, workers=1)
+SYS_INTERVAL_S = 1
+"""Seconds between the broker's ``$SYS`` statistics updates in this benchmark."""
+BYTES_SENT_TOPIC = "$SYS/broker/bytes/sent"
+
+
+class BrokerMeter:
+    """The broker's CPU seconds (psutil) and its ``$SYS`` bytes-sent counter."""
+
+    def __init__(self, broker: Any) -> None:
+        self._proc = psutil.Process(broker.process.pid)
+        self._cond = threading.Condition()
+        self._bytes_sent = -1
+        self._updates = 0
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id="bench-sys-meter", protocol=mqtt.MQTTv5
+        )
+        self._client.on_connect = lambda c, *_a: c.subscribe(BYTES_SENT_TOPIC, qos=0)
+        self._client.on_message = self._on_message
+        self._client.connect(broker.host, broker.port)
+        self._client.loop_start()
+
+    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self._bytes_sent = int(msg.payload)
+            self._updates += 1
+            self._cond.notify_all()
+
+    def cpu_s(self) -> float:
+        times = self._proc.cpu_times()
+        return float(times.user + times.system)
+
+    def bytes_sent(self) -> int:
+        """The counter after its next update (so it counts everything sent until now)."""
+        with self._cond:
+            seen = self._updates
+            if not self._cond.wait_for(lambda: self._updates >= seen + 2, 5 * SYS_INTERVAL_S):
+                raise RuntimeError("the broker did not publish $SYS/broker/bytes/sent")
+            return self._bytes_sent
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+def _own_cpu_s() -> float:
+    times = psutil.Process().cpu_times()
+    return float(times.user + times.system)
+
+
+@dataclass
+class Costs:
+    """Per-release resource use, one entry per release."""
+
+    broker_cpu_s: list[float]
+    cloud_cpu_s: list[float]
+    broker_bytes: list[float]
+
+    @classmethod
+    def empty(cls) -> Costs:
+        return cls([], [], [])
+
+    def add(self, meter: BrokerMeter, before: tuple[float, float, int]) -> None:
+        """Record one release measured from ``before`` (see :func:`_costs_now`)."""
+        sent = meter.bytes_sent()
+        self.broker_cpu_s.append(meter.cpu_s() - before[0])
+        self.cloud_cpu_s.append(_own_cpu_s() - before[1])
+        self.broker_bytes.append(float(sent - before[2]))
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return dataclasses.asdict(self)
+
+
+def _costs_now(meter: BrokerMeter) -> tuple[float, float, int]:
+    sent = meter.bytes_sent()
+    return meter.cpu_s(), _own_cpu_s(), sent
 
 
 # -- the device side (worker processes) -------------------------------------------------
@@ -246,7 +328,14 @@ def _start_workers(
 
 
 def _measure_ours(
-    broker: Any, key: Any, pubkey: Path, n: int, sizes: Sizes, package: bytes, logs: Path
+    broker: Any,
+    meter: BrokerMeter,
+    key: Any,
+    pubkey: Path,
+    n: int,
+    sizes: Sizes,
+    package: bytes,
+    logs: Path,
 ) -> dict[str, Any]:
     from cloud.fleet_monitor import FleetMonitor
     from cloud.publisher import Publisher
@@ -270,6 +359,7 @@ def _measure_ours(
     totals: list[float] = []
     publish_s: list[float] = []
     per_device: list[float] = []
+    costs = Costs.empty()
     try:
         monitor.wait_for_fleet_version(0, ids, WAIT_S)
         with Publisher(
@@ -279,6 +369,7 @@ def _measure_ours(
                 with lock:
                     arrivals.clear()
                     awaited[0] = version
+                before = _costs_now(meter)
                 t0 = time.perf_counter()
                 manifest = publisher.publish_release(
                     version=version,
@@ -295,7 +386,7 @@ def _measure_ours(
                 publish_s.append(t_published - t0)
                 with lock:
                     per_device.extend(t - t0 for t in arrivals.values())
-                time.sleep(0.2)
+                costs.add(meter, before)
     finally:
         for proc in procs:
             proc.stop()
@@ -305,11 +396,12 @@ def _measure_ours(
         "publish_call_s": publish_s,
         "per_device_s": summarize(per_device),
         "chunks": manifest.chunk_count,
+        **costs.to_dict(),
     }
 
 
 def _measure_floor(
-    broker: Any, n: int, sizes: Sizes, chunks: list[bytes], logs: Path
+    broker: Any, meter: BrokerMeter, n: int, sizes: Sizes, chunks: list[bytes], logs: Path
 ) -> dict[str, Any]:
     fleet = f"floor{n}"
     acks: dict[int, dict[str, float]] = {}
@@ -334,12 +426,14 @@ def _measure_floor(
     common = ["--fleet", fleet, "--host", broker.host, "--port", str(broker.port)]
     totals: list[float] = []
     per_device: list[float] = []
+    costs = Costs.empty()
     procs: list[ManagedProcess] = []
     try:
         if not subscribed.wait(WAIT_S):
             raise RuntimeError("floor: the cloud client did not subscribe")
         procs = _start_workers("floor", n, sizes, [*common, "--chunks", str(len(chunks))], logs)
         for rep in range(1, sizes.reps + 1):
+            before = _costs_now(meter)
             t0 = time.perf_counter()
             for i, chunk in enumerate(chunks):
                 cloud.publish(_floor_topic(fleet, rep, i), chunk, qos=1)
@@ -351,13 +445,65 @@ def _measure_floor(
                 times = list(acks[rep].values())
             totals.append(max(times) - t0)
             per_device.extend(t - t0 for t in times)
-            time.sleep(0.2)
+            costs.add(meter, before)
     finally:
         for proc in procs:
             proc.stop()
         cloud.disconnect()
         cloud.loop_stop()
-    return {"total_s": totals, "per_device_s": summarize(per_device)}
+    return {"total_s": totals, "per_device_s": summarize(per_device), **costs.to_dict()}
+
+
+def _rows(n: int, sizes: Sizes, ours: dict[str, Any], floor: dict[str, Any]) -> list[Result]:
+    med = statistics.median
+    floor_name = "bare paho publish → N subscribers → ack"
+    return [
+        Result(
+            f"publish → all {n} devices serving, median of {sizes.reps}",
+            med(ours["total_s"]),
+            med(floor["total_s"]),
+            "s",
+            floor_name,
+            note=f"publish call alone {med(ours['publish_call_s']) * 1000:.0f} ms",
+        ),
+        Result(
+            f"publish → all {n} devices serving, max of {sizes.reps}",
+            max(ours["total_s"]),
+            max(floor["total_s"]),
+            "s",
+            floor_name,
+        ),
+        Result(
+            f"publish → one device serving, p50 over devices ({n} devices)",
+            ours["per_device_s"]["p50"],
+            floor["per_device_s"]["p50"],
+            "s",
+            "bare paho, per subscriber",
+        ),
+        Result(
+            f"broker CPU per release ({n} devices)",
+            med(ours["broker_cpu_s"]),
+            med(floor["broker_cpu_s"]),
+            "s",
+            "broker CPU, bare paho release",
+        ),
+        Result(
+            f"cloud CPU per release ({n} devices)",
+            med(ours["cloud_cpu_s"]),
+            med(floor["cloud_cpu_s"]),
+            "s",
+            "bare paho publisher + ack listener",
+            note="Publisher + FleetMonitor + this harness's bookkeeping",
+        ),
+        Result(
+            f"bytes sent by the broker per release ({n} devices)",
+            med(ours["broker_bytes"]) / 2**20,
+            med(floor["broker_bytes"]) / 2**20,
+            "MiB",
+            "bare paho release",
+            note=f"{med(ours['broker_bytes']) / n / 1024:.1f} KiB per device",
+        ),
+    ]
 
 
 def run(quick: bool = False, out_dir: Path | None = None, sizes: Sizes | None = None) -> Report:
@@ -391,35 +537,16 @@ def run(quick: bool = False, out_dir: Path | None = None, sizes: Sizes | None = 
         key = signing.generate_private_key()
         pubkey = tmp / "fleet.pub"
         signing.write_public_key(key.public_key(), pubkey)
-        broker = Broker.on_free_port(tmp / "broker").start()
+        broker = Broker.on_free_port(tmp / "broker", sys_interval=SYS_INTERVAL_S).start()
+        meter = BrokerMeter(broker)
         try:
             for n in sizes.fleets:
-                ours = _measure_ours(broker, key, pubkey, n, sizes, package, tmp)
-                floor = _measure_floor(broker, n, sizes, chunks, tmp)
+                ours = _measure_ours(broker, meter, key, pubkey, n, sizes, package, tmp)
+                floor = _measure_floor(broker, meter, n, sizes, chunks, tmp)
                 details[str(n)] = {"ours": ours, "floor": floor}
-                ours_med = statistics.median(ours["total_s"])
-                floor_med = statistics.median(floor["total_s"])
-                report.results.append(
-                    Result(
-                        f"publish → all {n} devices serving (median of {sizes.reps})",
-                        ours_med,
-                        floor_med,
-                        "s",
-                        "bare paho publish → N subscribers → ack",
-                        note=f"max {max(ours['total_s']):.3f} s; publish call alone "
-                        f"{statistics.median(ours['publish_call_s']) * 1000:.0f} ms",
-                    )
-                )
-                report.results.append(
-                    Result(
-                        f"publish → one device serving, p50 over devices ({n} devices)",
-                        ours["per_device_s"]["p50"],
-                        floor["per_device_s"]["p50"],
-                        "s",
-                        "bare paho, per subscriber",
-                    )
-                )
+                report.results.extend(_rows(n, sizes, ours, floor))
         finally:
+            meter.stop()
             broker.stop()
     report.notes.extend(
         [
@@ -430,8 +557,12 @@ def run(quick: bool = False, out_dir: Path | None = None, sizes: Sizes | None = 
             "Floor = the same chunk bytes published QoS 1 by a bare paho client to N bare "
             "paho subscribers, each acknowledging with one QoS 1 message once it has "
             "every chunk.",
-            f"Devices run in {sizes.workers} worker process(es); broker, cloud and "
-            "devices share the machine's cores.",
+            f"Devices run in {sizes.workers} worker process(es) per fleet size (fewer for "
+            "fleets smaller than that); broker, cloud and devices share the machine's cores.",
+            "CPU per release: the broker process, and the cloud process (Publisher and "
+            "FleetMonitor for ours, the bare paho client for the floor), from psutil; broker "
+            "bytes: the change of $SYS/broker/bytes/sent across the release (sys_interval "
+            f"{SYS_INTERVAL_S} s), medians over the releases.",
             "No target is set by the issue for fan-out; the ratio shows our overhead "
             "over the broker's own delivery.",
         ]

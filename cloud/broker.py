@@ -109,6 +109,8 @@ class BrokerConfig:
     message_size_limit: int = 0
     #: QoS 1 messages queued per client beyond those in flight (Mosquitto ``max_queued_messages``).
     max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES
+    #: Seconds between updates of the ``$SYS/broker/...`` statistics topics (Mosquitto's default).
+    sys_interval: int = 10
 
     @property
     def tls(self) -> bool:
@@ -144,6 +146,7 @@ class BrokerConfig:
         if self.message_size_limit:
             lines.append(f"message_size_limit {self.message_size_limit}")
         lines.append(f"max_queued_messages {self.max_queued_messages}")
+        lines.append(f"sys_interval {self.sys_interval}")
         lines += [
             f"log_dest file {self.data_dir / 'mosquitto.log'}",
             "log_type error",

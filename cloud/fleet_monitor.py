@@ -73,6 +73,7 @@ class FleetMonitor:
         on_status: Callable[[codec.DeviceStatus], None] = _ignore,
         on_event: Callable[[codec.DeviceEvent], None] = _ignore,
         on_status_batch: Callable[[list[codec.DeviceStatus]], None] | None = None,
+        on_event_batch: Callable[[list[codec.DeviceEvent]], None] | None = None,
         username: str | None = None,
         password: str | None = None,
         ca_file: str | None = None,
@@ -86,6 +87,8 @@ class FleetMonitor:
         #: Called once per batch with the statuses decoded in it, oldest first (the
         #: registry writes them in one transaction); ``on_status`` is then not called.
         self._on_status_batch = on_status_batch
+        #: The same for events; ``on_event`` is then not called.
+        self._on_event_batch = on_event_batch
         self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         endpoint = Endpoint(
@@ -198,8 +201,11 @@ class FleetMonitor:
         elif statuses:
             for status in statuses:
                 self._deliver(self._on_status, status)
-        for event in events:
-            self._deliver(self._on_event, event)
+        if events and self._on_event_batch is not None:
+            self._deliver(self._on_event_batch, events)
+        else:
+            for event in events:
+                self._deliver(self._on_event, event)
 
     def _decode(self, topic: str, payload: bytes) -> codec.DeviceStatus | codec.DeviceEvent | None:
         try:

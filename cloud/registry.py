@@ -800,38 +800,38 @@ class Registry:
         knowledge, so the device's next status after it reconnects is accepted. A stale
         OFFLINE redelivered while the device is up is corrected by its next status.
         """
-        if not status.device_id:
-            raise InvalidRecordError("device status without device_id")
-        if status.state not in DEVICE_STATES:
-            raise InvalidRecordError(f"unknown device state {status.state!r}")
-        last_metrics = _metrics(status.last_metrics, what=f"status of {status.device_id}")
+        last_metrics = _check_status(status)
         with self._write() as session:
             row = session.get(DeviceRow, status.device_id)
-            if row is not None and row.timestamp_ms > status.timestamp_ms:
-                if status.state != "OFFLINE" or row.state == "OFFLINE":
-                    return False
-                row.state = "OFFLINE"
-                row.received_at = time.time()
-                return True
-            if row is None:
-                row = DeviceRow(device_id=status.device_id)
-                session.add(row)
-            row.fleet = status.fleet
-            row.serving_version = status.serving_version
-            row.state = status.state
-            row.timestamp_ms = status.timestamp_ms
-            row.received_at = time.time()
-            row.last_round_trained = status.last_round_trained
-            row.sample_count = status.sample_count
-            row.cpu_percent = status.cpu_percent
-            row.rss_bytes = status.rss_bytes
-            row.disk_free_bytes = status.disk_free_bytes
-            row.memory_available_bytes = status.memory_available_bytes
-            row.profile = status.profile
-            row.last_error = status.last_error
-            row.last_metrics_json = _dumps(last_metrics)
-            row.edgefl_version = status.edgefl_version
-        return True
+            return _apply_status(session, row, status, last_metrics) is not None
+
+    def upsert_device_statuses(self, statuses: Sequence[DeviceStatus]) -> int:
+        """Store many statuses (oldest first) in one transaction; returns how many changed.
+
+        Each status follows the rules of :meth:`upsert_device_status`. An invalid one is
+        logged and skipped: the others in the batch are still stored.
+        """
+        checked: list[tuple[DeviceStatus, dict[str, float]]] = []
+        for status in statuses:
+            try:
+                checked.append((status, _check_status(status)))
+            except InvalidRecordError as exc:
+                logger.warning("status of %r not stored: %s", status.device_id, exc)
+        if not checked:
+            return 0
+        changed = 0
+        with self._write() as session:
+            ids = {status.device_id for status, _ in checked}
+            rows = {
+                r.device_id: r
+                for r in session.scalars(select(DeviceRow).where(DeviceRow.device_id.in_(ids)))
+            }
+            for status, last_metrics in checked:
+                written = _apply_status(session, rows.get(status.device_id), status, last_metrics)
+                if written is not None:
+                    rows[status.device_id] = written
+                    changed += 1
+        return changed
 
     def get_device(self, device_id: str) -> Device:
         with self._read() as session:
@@ -840,12 +840,36 @@ class Registry:
                 raise NotFoundError(f"no device {device_id!r}")
             return _device(row)
 
-    def list_devices(self) -> list[Device]:
-        """Every device that ever reported, by id."""
+    def list_devices(
+        self,
+        *,
+        offset: int = 0,
+        limit: int | None = None,
+        state: str | None = None,
+        search: str | None = None,
+        version: int | None = None,
+    ) -> list[Device]:
+        """Devices that ever reported, by id: all of them, or one filtered page.
+
+        ``state`` keeps one state, ``search`` the ids containing it (case-insensitive),
+        ``version`` the devices serving it; ``offset``/``limit`` cut a page of the result.
+        """
+        if offset < 0 or (limit is not None and limit < 0):
+            raise InvalidRecordError("offset and limit must not be negative")
+        query = _filter_devices(select(DeviceRow), state, search, version)
+        query = query.order_by(DeviceRow.device_id).offset(offset)
+        if limit is not None:
+            query = query.limit(limit)
         with self._read() as session:
-            return [
-                _device(r) for r in session.scalars(select(DeviceRow).order_by(DeviceRow.device_id))
-            ]
+            return [_device(r) for r in session.scalars(query)]
+
+    def count_devices(
+        self, *, state: str | None = None, search: str | None = None, version: int | None = None
+    ) -> int:
+        """How many devices :meth:`list_devices` would return without a page."""
+        query = _filter_devices(select(func.count()).select_from(DeviceRow), state, search, version)
+        with self._read() as session:
+            return int(session.scalar(query) or 0)
 
     def record_event(self, event: DeviceEvent) -> int:
         """Store a device event; returns its id."""
@@ -862,6 +886,31 @@ class Registry:
             session.add(row)
             session.flush()
             return int(row.id)
+
+    def record_events(self, events: Sequence[DeviceEvent]) -> int:
+        """Store many events in one transaction; an invalid one is logged and skipped.
+
+        Returns how many were stored.
+        """
+        valid = []
+        for item in events:
+            if item.device_id and item.kind:
+                valid.append(item)
+            else:
+                logger.warning("event %r not stored: it needs device_id and kind", item)
+        if valid:
+            with self._write() as session:
+                session.add_all(
+                    EventRow(
+                        device_id=e.device_id,
+                        timestamp_ms=e.timestamp_ms,
+                        kind=e.kind,
+                        detail=e.detail,
+                        version=e.version,
+                    )
+                    for e in valid
+                )
+        return len(valid)
 
     def list_events(self, limit: int = 100) -> list[Event]:
         """The newest ``limit`` events, newest first."""
@@ -883,6 +932,62 @@ class Registry:
             online = int(session.scalar(online_q) or 0)
             serving = int(session.scalar(online_q.where(DeviceRow.serving_version == version)) or 0)
         return Spread(serving=serving, online=online, total=total)
+
+
+def _filter_devices(query: Any, state: str | None, search: str | None, version: int | None) -> Any:
+    if state is not None:
+        if state not in DEVICE_STATES:
+            raise InvalidRecordError(f"unknown device state {state!r}")
+        query = query.where(DeviceRow.state == state)
+    if search:
+        escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(DeviceRow.device_id.ilike(f"%{escaped}%", escape="\\"))
+    if version is not None:
+        query = query.where(DeviceRow.serving_version == version)
+    return query
+
+
+def _check_status(status: DeviceStatus) -> dict[str, float]:
+    """Refuse a status the registry cannot store; returns its checked metrics."""
+    if not status.device_id:
+        raise InvalidRecordError("device status without device_id")
+    if status.state not in DEVICE_STATES:
+        raise InvalidRecordError(f"unknown device state {status.state!r}")
+    return _metrics(status.last_metrics, what=f"status of {status.device_id}")
+
+
+def _apply_status(
+    session: Session, row: DeviceRow | None, status: DeviceStatus, last_metrics: dict[str, float]
+) -> DeviceRow | None:
+    """Write ``status`` over ``row`` (None: a new device) per :meth:`Registry.upsert_device_status`.
+
+    Returns the row written, or None when the status was older and changed nothing.
+    """
+    if row is not None and row.timestamp_ms > status.timestamp_ms:
+        if status.state != "OFFLINE" or row.state == "OFFLINE":
+            return None
+        row.state = "OFFLINE"
+        row.received_at = time.time()
+        return row
+    if row is None:
+        row = DeviceRow(device_id=status.device_id)
+        session.add(row)
+    row.fleet = status.fleet
+    row.serving_version = status.serving_version
+    row.state = status.state
+    row.timestamp_ms = status.timestamp_ms
+    row.received_at = time.time()
+    row.last_round_trained = status.last_round_trained
+    row.sample_count = status.sample_count
+    row.cpu_percent = status.cpu_percent
+    row.rss_bytes = status.rss_bytes
+    row.disk_free_bytes = status.disk_free_bytes
+    row.memory_available_bytes = status.memory_available_bytes
+    row.profile = status.profile
+    row.last_error = status.last_error
+    row.last_metrics_json = _dumps(last_metrics)
+    row.edgefl_version = status.edgefl_version
+    return row
 
 
 def _run(row: RunRow) -> Run:

@@ -169,24 +169,24 @@ class CloudStack:
             password = Path(s.broker.password_file).read_text().strip()
         registry = self.registry
 
-        def on_status(status: Any) -> None:
+        def on_statuses(statuses: list[Any]) -> None:
             try:
-                registry.upsert_device_status(status)
+                registry.upsert_device_statuses(statuses)
             except Exception:
-                logger.exception("could not record the status of %s", status.device_id)
+                logger.exception("could not record %d device statuses", len(statuses))
 
-        def on_event(event: Any) -> None:
+        def on_events(events: list[Any]) -> None:
             try:
-                registry.record_event(event)
+                registry.record_events(events)
             except Exception:
-                logger.exception("could not record an event of %s", event.device_id)
+                logger.exception("could not record %d device events", len(events))
 
         self.monitor = FleetMonitor(
             host=connect_host(s.broker.host),
             port=broker_port,
             fleet=s.cloud.fleet,
-            on_status=on_status,
-            on_event=on_event,
+            on_status_batch=on_statuses,
+            on_event_batch=on_events,
             username=s.broker.username,
             password=password,
             ca_file=None if s.broker.ca_file is None else str(s.broker.ca_file),

@@ -35,10 +35,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloud.registry import ArtifactCorruptError, NotFoundError, Registry
 from cloud.web import schemas
+from protos.codec import DEVICE_STATES
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+#: Devices in one page of ``/api/devices`` unless ``limit`` says otherwise, and the most.
+DEFAULT_DEVICE_PAGE = 100
+MAX_DEVICE_PAGE = 1000
 #: Seconds between two looks at the registry's change counter in ``/api/stream``.
 DEFAULT_POLL_INTERVAL = 0.5
 #: Seconds of silence after which ``/api/stream`` sends a heartbeat event.
@@ -113,7 +117,6 @@ class SecurityHeaders:
 def build_overview(registry: Registry, fleet: str) -> schemas.OverviewOut:
     """Everything the Overview panel shows, from one consistent-enough set of reads."""
     token = registry.change_token()
-    devices = registry.list_devices()
     run = registry.latest_run()
     progress: schemas.ProgressOut | None = None
     latest: schemas.LatestMetricsOut | None = None
@@ -153,17 +156,17 @@ def build_overview(registry: Registry, fleet: str) -> schemas.OverviewOut:
                 round=last.round, aggregated=last.aggregated_metrics, evaluation=last.eval_metrics
             )
     newest = registry.latest_version()
+    # Counts from the database, never the device list: the fleet may be 10,000 devices.
+    counts = registry.spread(0 if newest is None else newest.version)
     return schemas.OverviewOut(
         fleet=fleet,
         change_token=token,
         run=None if run is None else schemas.run_out(run),
         progress=progress,
         latest_metrics=latest,
-        newest_version=None if newest is None else schemas.version_out(newest, devices),
+        newest_version=None if newest is None else schemas.version_out(newest, counts),
         serving=schemas.serving_out(registry.current()),
-        devices=schemas.FleetCountOut(
-            online=sum(1 for d in devices if d.online), total=len(devices)
-        ),
+        devices=schemas.FleetCountOut(online=counts["online"], total=counts["total"]),
     )
 
 
@@ -258,17 +261,45 @@ def create_app(
         return [schemas.run_out(r) for r in registry.list_runs()]
 
     @app.get("/api/devices", response_model=list[schemas.DeviceOut], tags=["read"])
-    def devices() -> list[schemas.DeviceOut]:
-        """Every device that ever reported, with its latest status."""
-        return [schemas.device_out(d) for d in registry.list_devices()]
+    def devices(
+        response: Response,
+        offset: Annotated[int, Query(ge=0, description="Devices to skip (by id).")] = 0,
+        limit: Annotated[
+            int, Query(ge=1, le=MAX_DEVICE_PAGE, description="Devices in this page.")
+        ] = DEFAULT_DEVICE_PAGE,
+        state: Annotated[
+            str | None,
+            Query(description=f"Only devices in this state ({', '.join(DEVICE_STATES)})."),
+        ] = None,
+        q: Annotated[
+            str | None, Query(max_length=128, description="Only ids containing this text.")
+        ] = None,
+        version: Annotated[
+            int | None, Query(ge=0, description="Only devices serving this version.")
+        ] = None,
+    ) -> list[schemas.DeviceOut]:
+        """One page of the devices that ever reported (by id), with their latest status.
+
+        ``X-Total-Count`` holds how many devices match the filters in all pages.
+        """
+        if state is not None and state not in DEVICE_STATES:
+            raise HTTPException(422, f"unknown device state {state!r}: one of {DEVICE_STATES}")
+        total = registry.count_devices(state=state, search=q, version=version)
+        response.headers["X-Total-Count"] = str(total)
+        page = registry.list_devices(
+            offset=offset, limit=limit, state=state, search=q, version=version
+        )
+        return [schemas.device_out(d) for d in page]
 
     @app.get("/api/models", response_model=schemas.ModelsOut, tags=["read"])
     def models() -> schemas.ModelsOut:
         """Model versions, newest first, with metrics, digest and spread."""
-        known = registry.list_devices()
         return schemas.ModelsOut(
             current=schemas.serving_out(registry.current()),
-            versions=[schemas.version_out(v, known) for v in reversed(registry.list_versions())],
+            versions=[
+                schemas.version_out(v, registry.spread(v.version))
+                for v in reversed(registry.list_versions())
+            ],
         )
 
     @app.get(

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from cloud.registry import Device, Event, ModelVersion, RoundRecord, Run, Serving
+from cloud.registry import Device, Event, ModelVersion, RoundRecord, Run, Serving, Spread
 
 
 class RunOut(BaseModel):
@@ -178,11 +178,12 @@ def spread_from_devices(version: int, devices: list[Device]) -> SpreadOut:
     )
 
 
-def version_out(v: ModelVersion, devices: list[Device]) -> VersionOut:
+def version_out(v: ModelVersion, spread: Spread) -> VersionOut:
+    """``spread`` is :meth:`cloud.registry.Registry.spread` of the version."""
     return VersionOut.model_validate(
         {
             **dataclasses.asdict(v),
-            "spread": spread_from_devices(v.version, devices),
+            "spread": SpreadOut.model_validate(spread),
             "download_url": f"/api/models/{v.version}/download",
         }
     )
