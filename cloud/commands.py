@@ -20,8 +20,13 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from cloud import ports
     from cloud.supervisor import CloudError, init_cloud
 
+    if not args.secure:
+        # Fixed, documented ports: devices keep the addresses they were configured with.
+        args.broker_port = args.broker_port or ports.DEFAULT_BROKER_PORT
+        args.superlink_port = args.superlink_port or ports.DEFAULT_SUPERLINK_PORT
     try:
         path = init_cloud(
             Path(args.dir),
@@ -33,6 +38,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             model_dir=None if args.model_dir is None else Path(args.model_dir),
             broker_port=args.broker_port,
             superlink_port=args.superlink_port,
+            web_port=args.web_port,
         )
     except CloudError as exc:
         print(f"edgefl cloud init: {exc}", file=sys.stderr)
@@ -81,11 +87,34 @@ def wait_for_spread(registry: Any, *, timeout: float) -> bool:
     return False
 
 
+#: Exit code of a command interrupted by Ctrl-C or SIGTERM (128 + SIGINT).
+EXIT_INTERRUPTED = 130
+
+
+def _idle(stack: Any) -> int:
+    """Keep the services up until Ctrl-C; 1 when the watchdog gave up on a part."""
+    while not stack.watchdog.failed.wait(1.0):
+        pass
+    print(f"edgefl cloud up: {stack.watchdog.failure}", file=sys.stderr, flush=True)
+    return 1
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from cloud.supervisor import CloudStack
 
     settings = _load(args)
-    stack = CloudStack(settings, num_rounds=args.rounds)
+    _check_fleet_ports(settings)
+    return serve(CloudStack(settings, num_rounds=args.rounds), args)
+
+
+def serve(stack: Any, args: argparse.Namespace) -> int:
+    """Start ``stack``, run (``args.no_run``, ``args.exit_when_done``), stop it; the exit code.
+
+    Ctrl-C (or SIGTERM) at any moment stops whatever was started so far and returns 130.
+    """
+    from cloud.supervision import interrupts_ignored
+
+    settings = stack.settings
     try:
         stack.start()
         print(
@@ -95,8 +124,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"edgefl cloud up: web UI {stack.web.url}", flush=True)
         if args.no_run:
             print("edgefl cloud up: no run submitted (--no-run); press Ctrl-C to stop", flush=True)
-            while True:
-                time.sleep(3600)
+            return _idle(stack)
         run_id = stack.submit_run()
         print(f"edgefl cloud up: Flower run {run_id} submitted", flush=True)
         last = ""
@@ -111,63 +139,144 @@ def cmd_up(args: argparse.Namespace) -> int:
         status = stack.wait_for_run(on_progress=show)
         wait_for_spread(stack.registry, timeout=SPREAD_WAIT_S)
         show()
-        print(f"edgefl cloud up: run {run_id} {status}", flush=True)
+        print(f"edgefl cloud up: run {stack.flower_run_id} {status}", flush=True)
         if args.exit_when_done:
             return 0 if status == "finished:completed" else 1
         print("edgefl cloud up: the UI stays up; press Ctrl-C to stop", flush=True)
-        while True:
-            time.sleep(3600)
+        return _idle(stack)
     except KeyboardInterrupt:
         print("\nedgefl cloud up: stopping", flush=True)
-        stack.stop_run()
-        return 0
+        with interrupts_ignored():
+            stack.stop_run()
+        return EXIT_INTERRUPTED
     finally:
         stack.stop()
 
 
-def _api(settings: Any, path: str) -> Any:
-    url_file = settings.data_dir / "web.url"
-    if not url_file.exists():
-        return None
+def _check_fleet_ports(settings: Any) -> None:
+    from cloud.config import ConfigError
+    from cloud.ports import ephemeral_port_problems
+
+    problems = ephemeral_port_problems(settings)
+    if problems:
+        raise ConfigError(
+            "devices outside this host are configured, so the cloud needs fixed ports:\n  - "
+            + "\n  - ".join(problems)
+        )
+
+
+def _running(settings: Any) -> Any:
+    from cloud.cloud_lock import running_cloud
+
+    return running_cloud(settings.data_dir)
+
+
+def _not_running(settings: Any, command: str) -> int:
+    where = f" --config {settings.source}" if settings.source is not None else ""
+    print(
+        f"edgefl cloud {command}: no cloud is running on {settings.data_dir} "
+        f"(start one with `edgefl cloud up{where}`)",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _api(url: str, path: str) -> Any:
     try:
-        with urllib.request.urlopen(url_file.read_text().strip() + path, timeout=5) as resp:
+        with urllib.request.urlopen(url.rstrip("/") + path, timeout=10) as resp:
             return json.loads(resp.read())
-    except OSError:
+    except (OSError, ValueError):
         return None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _load(args)
-    overview = _api(settings, "/api/overview")
-    if overview is not None:
-        print(json.dumps(overview, indent=2) if args.json else _format_overview(overview))
-        return 0
-    # No running UI: read the registry directly.
-    from cloud.registry import Registry
-
-    registry = Registry(settings.registry_url)
-    try:
-        print(progress_line(registry, settings.run.num_rounds))
-        for d in registry.list_devices():
-            print(f"  {d.device_id:20} {'online ' if d.online else 'offline'} v{d.serving_version}")
-    finally:
-        registry.close()
+    info = _running(settings)
+    if info is None:
+        if args.json:
+            print(json.dumps({"running": False, "data_dir": str(settings.data_dir)}, indent=2))
+        return _not_running(settings, "status")
+    web = info.urls.get("web")
+    overview = None if web is None else _api(web, "/api/overview")
+    devices = None if web is None else _api(web, "/api/devices")
+    if args.json:
+        doc = {
+            "running": True,
+            "cloud": {"pid": info.pid, "phase": info.phase, "urls": info.urls},
+            "overview": overview,
+            "devices": _device_list(devices),
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        print(format_status(info, overview, _device_list(devices)))
+    if overview is None:
+        print(
+            f"edgefl cloud status: the cloud (pid {info.pid}) is {info.phase} but its web API "
+            "did not answer",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
-def _format_overview(o: dict[str, Any]) -> str:
-    lines = [f"fleet {o.get('fleet', '?')}"]
-    run = o.get("run")
+def _device_list(devices: Any) -> list[dict[str, Any]]:
+    if isinstance(devices, dict):  # a paginated answer
+        devices = devices.get("devices", devices.get("items", []))
+    return [d for d in devices or [] if isinstance(d, dict)]
+
+
+def format_status(info: Any, o: dict[str, Any] | None, devices: list[dict[str, Any]]) -> str:
+    """``cloud status`` for people: the cloud, the run, the newest version, the devices."""
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.started_at))
+    lines = [f"cloud running (pid {info.pid}, {info.phase}) since {since}"]
+    for name, label in (("broker", "broker"), ("superlink", "SuperLink"), ("web", "web UI")):
+        if name in info.urls:
+            lines.append(f"  {label:<10} {info.urls[name]}")
+    if o is None:
+        return "\n".join(lines)
+    count = o.get("devices") or {}
+    lines.append(
+        f"fleet {o.get('fleet', '?')}: {count.get('online', 0)} of {count.get('total', 0)} "
+        "devices online"
+    )
+    run, progress = o.get("run"), o.get("progress")
     if run:
+        text = f"run {run.get('id')} {run.get('status')}"
+        if progress:
+            text += f": round {progress.get('current', 0)}/{progress.get('total', run.get('num_rounds'))}"
+            if progress.get("sampled"):
+                text += (
+                    f" ({len(progress.get('replied', []))} of {len(progress['sampled'])} replied"
+                    f"{', finished' if progress.get('finished') else ''})"
+                )
+        lines.append(text)
+    else:
+        lines.append("no run yet")
+    metrics = (o.get("latest_metrics") or {}).get("evaluation") or {}
+    if "eval-accuracy" in metrics:
         lines.append(
-            f"run {run.get('id')} {run.get('status')}: round {o.get('round', {}).get('current', '?')}/{run.get('num_rounds')}"
+            f"accuracy {metrics['eval-accuracy']:.3f} after round {o['latest_metrics'].get('round')}"
         )
-    spread = o.get("spread")
-    if spread:
+    newest, serving = o.get("newest_version"), o.get("serving")
+    if newest:
+        spread = newest.get("spread") or {}
         lines.append(
-            f"newest version on {spread.get('serving')}/{spread.get('online')} online devices"
+            f"newest version v{newest.get('version')} (run {newest.get('run_id')}, round "
+            f"{newest.get('round')}) on {spread.get('serving', 0)}/{spread.get('online', 0)} "
+            "online devices"
         )
-    return "\n".join(lines) + "\n" + json.dumps(o, indent=2)
+    if serving:
+        lines.append(
+            f"fleet target v{serving.get('version')}{' (pinned)' if serving.get('pinned') else ''}"
+        )
+    if devices:
+        lines.append(f"  {'device':20} {'state':9} {'version':>7}  last error")
+        for d in devices:
+            lines.append(
+                f"  {d.get('device_id')!s:20} {d.get('state')!s:9} "
+                f"{'v' + str(d.get('serving_version')):>7}  {d.get('last_error') or ''}".rstrip()
+            )
+    return "\n".join(lines)
 
 
 def cmd_model_list(args: argparse.Namespace) -> int:
@@ -193,17 +302,33 @@ def cmd_model_list(args: argparse.Namespace) -> int:
 
 
 def cmd_model_pin(args: argparse.Namespace) -> int:
+    from cloud import config as cloud_config
     from cloud.registry import NotFoundError, Registry
     from cloud.releases import pin_version
 
     settings = _load(args)
     registry = Registry(settings.registry_url)
     try:
+        try:
+            registry.get_version(args.version)
+        except NotFoundError:
+            known = [v.version for v in registry.list_versions()]
+            have = f"stored versions: {_ranges(known)}" if known else "no version is stored yet"
+            print(
+                f"edgefl cloud model pin: there is no version {args.version}; {have}",
+                file=sys.stderr,
+            )
+            return 1
+        info = _running(settings)
+        runtime = settings.data_dir / "runtime.toml"
+        if info is not None and runtime.exists():
+            # The running cloud's actual ports (a port 0 in cloud.toml was resolved at start).
+            settings = cloud_config.load(runtime)
+        elif settings.broker.managed:
+            return _not_running(settings, "model pin")
+        run = registry.latest_run()
         manifest = pin_version(settings, registry, args.version)
-    except NotFoundError as exc:
-        print(f"edgefl cloud model pin: {exc}", file=sys.stderr)
-        return 1
-    except RuntimeError as exc:
+    except (NotFoundError, RuntimeError) as exc:
         print(f"edgefl cloud model pin: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -211,7 +336,25 @@ def cmd_model_pin(args: argparse.Namespace) -> int:
     print(
         f"version {args.version} pinned for fleet {settings.cloud.fleet} (sequence {manifest.sequence})"
     )
+    if run is not None and run.status == "running":
+        print(
+            f"note: run {run.id} is in progress; the release of its next round supersedes this "
+            "pin on every device. To keep the pin, stop the run first (Stop run in the UI, or "
+            "Ctrl-C on `cloud up`).",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``1-4, 7`` for ``[1, 2, 3, 4, 7]``."""
+    out: list[list[int]] = []
+    for n in sorted(set(numbers)):
+        if out and out[-1][1] == n - 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
 
 
 def _clean_errors(func: Any) -> Any:
@@ -219,13 +362,23 @@ def _clean_errors(func: Any) -> Any:
 
     def run(args: argparse.Namespace) -> int:
         from cloud.broker import BrokerError
+        from cloud.cloud_lock import CloudRunningError
         from cloud.config import ConfigError
+        from cloud.ports import PortInUseError
         from cloud.supervisor import CloudError
         from edge.flower_node import FlowerError
 
         try:
             return int(func(args))
-        except (BrokerError, ConfigError, CloudError, FlowerError, OSError) as exc:
+        except (
+            BrokerError,
+            ConfigError,
+            CloudError,
+            CloudRunningError,
+            PortInUseError,
+            FlowerError,
+            OSError,
+        ) as exc:
             print(f"edgefl cloud {args.cloud_command}: {exc}", file=sys.stderr)
             return 1
 
@@ -256,10 +409,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         action="append",
         help="host name or IP the devices use to reach the cloud (repeatable)",
     )
-    p.add_argument("--broker-port", type=int, help="MQTT TLS port of a secure fleet (default 8883)")
     p.add_argument(
-        "--superlink-port", type=int, help="SuperLink port of a secure fleet (default 9092)"
+        "--broker-port", type=int, help="MQTT port (default 1883; 8883 with --secure, TLS)"
     )
+    p.add_argument("--superlink-port", type=int, help="SuperLink port (default 9092)")
+    p.add_argument("--web-port", type=int, default=8080, help="web UI port (default 8080)")
     p.add_argument("--force", action="store_true", help="overwrite an existing cloud.toml")
     p.set_defaults(func=_clean_errors(cmd_init))
 

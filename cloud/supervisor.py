@@ -15,18 +15,24 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cloud import config as cloud_config
 from cloud.broker import Broker, BrokerConfig
+from cloud.cloud_lock import CloudLock
 from cloud.config import CloudSettings
+from cloud.ports import check_port_free
+from cloud.supervision import RestartPolicy, SupervisedPart, Watchdog, interrupts_ignored
 from edge.flower_node import FlowerError, SuperLink, SuperLinkTLS
-from edge.process import connect_host, free_port
+from edge.process import ManagedProcess, connect_host, free_port
 
 logger = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parent / "flower_app"
+#: The ``device_id`` of events the cloud records about its own parts (restarts).
+CLOUD_EVENT_SOURCE = "cloud"
 
 
 class CloudError(RuntimeError):
@@ -61,10 +67,40 @@ class CloudActions:
         return "run stopped"
 
 
+#: The start-up phases of :class:`CloudStack`, in order; ``on_phase`` hears each one.
+START_PHASES = (
+    "lock",
+    "broker",
+    "broker-ready",
+    "superlink",
+    "superlink-ready",
+    "registry",
+    "monitor",
+    "web",
+    "supervising",
+)
+
+
 class CloudStack:
-    def __init__(self, settings: CloudSettings, *, num_rounds: int | None = None) -> None:
+    """Everything ``cloud up`` runs, started in :data:`START_PHASES` order.
+
+    ``on_phase(name)`` is called as each phase begins (tests interrupt start-up there);
+    whatever was started before an interruption is stopped again, by PID. Once up, a
+    :class:`~cloud.supervision.Watchdog` restarts the broker, the SuperLink and the web UI
+    when one dies; other parts (a reverse proxy) join through :meth:`supervise`.
+    """
+
+    def __init__(
+        self,
+        settings: CloudSettings,
+        *,
+        num_rounds: int | None = None,
+        on_phase: Callable[[str], None] | None = None,
+        restart_policy: RestartPolicy | None = None,
+    ) -> None:
         self.settings = settings
         self.num_rounds = num_rounds
+        self.on_phase = on_phase
         self.broker: Broker | None = None
         self.superlink: SuperLink | None = None
         self.web: Any = None
@@ -72,6 +108,11 @@ class CloudStack:
         self.registry: Any = None
         self.flower_run_id: str | None = None
         self.runtime_settings = settings
+        self.lock = CloudLock(settings.data_dir)
+        self.watchdog = Watchdog(policy=restart_policy, on_event=self._record_part_event)
+        #: True while a submitted run is being waited for (a restarted SuperLink resubmits it).
+        self.run_active = False
+        self._resubmit_pending = False
         self._lock = threading.Lock()
 
     @property
@@ -88,13 +129,22 @@ class CloudStack:
             raise
         return self
 
+    def _phase(self, name: str) -> None:
+        logger.debug("start-up: %s", name)
+        if self.on_phase is not None:
+            self.on_phase(name)
+
     def _start(self) -> None:
         from cloud.registry import Registry
 
         s = self.settings
+        self._phase("lock")
+        self.lock.acquire()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         broker_port = s.broker.port or free_port(s.broker.host)
+        self._phase("broker")
         if s.broker.managed:
+            check_port_free(s.broker.host, broker_port, what="broker")
             self.broker = Broker(
                 BrokerConfig(
                     port=broker_port,
@@ -107,26 +157,31 @@ class CloudStack:
                     certfile=s.broker.certfile,
                     keyfile=s.broker.keyfile,
                 )
-            ).start()
-            from devices.secure_fleet import broker_pid_file
-
-            broker_pid_file(self.data_dir).write_text(str(self.broker.process.pid))  # type: ignore[union-attr]
+            )
+            self._start_broker()
         (self.data_dir / "broker").mkdir(exist_ok=True)
         (self.data_dir / "broker" / "port").write_text(str(broker_port))
+        self.lock.update(broker=f"{connect_host(s.broker.host)}:{broker_port}")
+        self._phase("broker-ready")
 
         tls = None
         if s.superlink.certfile is not None:
             tls = SuperLinkTLS(s.superlink.certfile, s.superlink.keyfile, s.superlink.ca_certfile)  # type: ignore[arg-type]
+        superlink_port = s.superlink.port or free_port(s.superlink.host)
+        self._phase("superlink")
+        check_port_free(s.superlink.host, superlink_port, what="SuperLink")
+        # Assigned before it starts, so an interruption while it comes up still stops it.
         self.superlink = SuperLink(
             data_dir=self.data_dir / "superlink",
             host=s.superlink.host,
-            port=s.superlink.port or free_port(s.superlink.host),
+            port=superlink_port,
             tls=tls,
             enable_supernode_auth=s.superlink.supernode_auth,
-        ).start()
+        )
+        self._start_superlink()
         (self.data_dir / "superlink.port").write_text(str(self.superlink.port))
-        if s.superlink.supernode_auth:
-            self._sync_supernodes()
+        self.lock.update(superlink=self.superlink.address)
+        self._phase("superlink-ready")
 
         self.runtime_settings = dataclasses.replace(
             s,
@@ -137,9 +192,122 @@ class CloudStack:
         runtime.write_text(cloud_config.to_toml(self.runtime_settings))
         self.runtime_path = runtime
 
+        self._phase("registry")
         self.registry = Registry(s.registry_url)
+        self._phase("monitor")
         self._start_monitor(broker_port)
+        self._phase("web")
         self._start_web()
+        self.lock.update(web=self.web.url)
+        self._phase("supervising")
+        self._supervise_own_parts()
+        self.lock.update(phase="running")
+
+    def _start_broker(self) -> None:
+        from devices.secure_fleet import broker_pid_file
+
+        broker = self.broker
+        assert broker is not None
+        broker.start()
+        broker_pid_file(self.data_dir).write_text(str(broker.process.pid))  # type: ignore[union-attr]
+
+    def _start_superlink(self) -> None:
+        link = self.superlink
+        assert link is not None
+        link.start()
+        if self.settings.superlink.supernode_auth:
+            self._sync_supernodes()
+
+    # -- supervision -----------------------------------------------------------------------
+
+    def supervise(self, part: SupervisedPart) -> SupervisedPart:
+        """Keep ``part`` alive from now on (restarted with backoff when it dies)."""
+        return self.watchdog.add(part)
+
+    def _supervise_own_parts(self) -> None:
+        if self.broker is not None:
+            broker = self.broker
+            self.supervise(
+                SupervisedPart(
+                    "broker",
+                    alive=lambda: _process_alive(broker.process),
+                    restart=self._restart_broker,
+                    describe_exit=lambda: _exit_text(broker.process),
+                )
+            )
+        link = self.superlink
+        assert link is not None
+        self.supervise(
+            SupervisedPart(
+                "SuperLink",
+                alive=lambda: _process_alive(link.process),
+                restart=self._restart_superlink,
+                describe_exit=lambda: _exit_text(link.process),
+                after_restart=[self.resubmit_after_restart],
+            )
+        )
+        web = self.web
+        self.supervise(
+            SupervisedPart(
+                "web UI",
+                alive=lambda: web.running,
+                restart=self._restart_web,
+                describe_exit=lambda: "the web server thread ended",
+            )
+        )
+        self.watchdog.start()
+
+    def _restart_broker(self) -> None:
+        assert self.broker is not None
+        # Whatever is left of the old process (nothing, usually) goes first.
+        self.broker.stop()
+        self._start_broker()
+
+    def _restart_superlink(self) -> None:
+        assert self.superlink is not None
+        with self._lock:
+            # Until the run is resubmitted, what the new SuperLink says about it is moot.
+            self._resubmit_pending = self.run_active
+        # Also stops the old SuperExec and ServerApp processes, by the PIDs seen.
+        self.superlink.stop()
+        self._start_superlink()
+
+    def _restart_web(self) -> None:
+        self.web.stop()
+        self.web.start()
+
+    def resubmit_after_restart(self) -> None:
+        """Hook after a SuperLink restart: a restarted SuperLink has lost the running run.
+
+        The run is submitted again; the aggregator resumes the registry's unfinished run
+        from its newest released version (:meth:`cloud.aggregator.Aggregator._resume_point`),
+        so no round is repeated.
+        """
+        with self._lock:
+            active = self.run_active and self.flower_run_id is not None
+        if not active:
+            return
+        old = self.flower_run_id
+        try:
+            new = self.submit_run()
+        finally:
+            with self._lock:
+                self._resubmit_pending = False
+        logger.warning("SuperLink restarted: run resubmitted as Flower run %s (was %s)", new, old)
+
+    def _record_part_event(self, part: str, kind: str, detail: str) -> None:
+        if self.registry is None:
+            return
+        from protos.codec import DeviceEvent
+
+        self.registry.record_event(
+            DeviceEvent(
+                device_id=CLOUD_EVENT_SOURCE,
+                timestamp_ms=int(time.time() * 1000),
+                kind=f"{part} {kind}",
+                detail=detail[-500:],
+            )
+        )
 
     def _sync_supernodes(self) -> None:
         """Register keys of devices flashed (and unregister revoked ones) while we were down."""
@@ -234,6 +402,7 @@ class CloudStack:
             raise CloudError(f"flwr run failed: {doc.get('error-message', doc)}")
         with self._lock:
             self.flower_run_id = str(doc.get("run-id"))
+            self.run_active = True
         logger.info("submitted Flower run %s", self.flower_run_id)
         return self.flower_run_id
 
@@ -252,45 +421,91 @@ class CloudStack:
             return "unknown"
 
     def stop_run(self) -> None:
+        with self._lock:
+            self.run_active = False
         if self.superlink is not None and self.flower_run_id is not None:
             self.superlink.flwr("stop", self.flower_run_id, "edgefl", "--format", "json")
 
     def wait_for_run(self, *, timeout: float | None = None, on_progress: Any = None) -> str:
-        """Poll until the Flower run finishes; returns its final status."""
+        """Poll until the Flower run finishes; returns its final status.
+
+        A SuperLink that dies meanwhile is restarted by the watchdog and the run
+        resubmitted (:meth:`resubmit_after_restart`); only a watchdog that gave up ends
+        the wait early, with :class:`CloudError`.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                status = self._settled_status()
+                if status.startswith("finished"):
+                    return status
+                if self.watchdog.failed.is_set():
+                    raise CloudError(self.watchdog.failure)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise CloudError(
+                        f"run {self.flower_run_id} still {status} after {timeout:.0f}s"
+                    )
+                if on_progress is not None:
+                    on_progress()
+                time.sleep(2.0)
+        finally:
+            with self._lock:
+                self.run_active = False
+
+    def _settled_status(self) -> str:
+        """The run's status, or ``restarting`` while the SuperLink is down or being replaced."""
+        with self._lock:
+            run_id, pending = self.flower_run_id, self._resubmit_pending
+        link = self.superlink
+        if pending or link is None or not _process_alive(link.process):
+            return "restarting"
         status = self.run_status()
-        while not status.startswith("finished"):
-            if deadline is not None and time.monotonic() > deadline:
-                raise CloudError(f"run {self.flower_run_id} still {status} after {timeout:.0f}s")
-            if self.superlink is not None and not self.superlink.process.alive():  # type: ignore[union-attr]
-                raise CloudError(f"the SuperLink died:\n{self.superlink.process.log_tail()}")  # type: ignore[union-attr]
-            if on_progress is not None:
-                on_progress()
-            time.sleep(2.0)
-            status = self.run_status()
+        with self._lock:
+            if self._resubmit_pending or self.flower_run_id != run_id:
+                return "restarting"
         return status
 
     # -- stop ------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        for name, part in (("web", self.web), ("monitor", self.monitor)):
-            if part is not None:
-                try:
-                    part.stop()
-                except Exception:
-                    logger.exception("stopping the %s failed", name)
-        if self.superlink is not None:
-            self.superlink.stop()
-        if self.broker is not None:
-            self.broker.stop()
-        if self.registry is not None:
-            self.registry.close()
+        """Stop every part started so far (children by PID), then release the data dir."""
+        with interrupts_ignored():
+            self.watchdog.stop()
+            for name, part in (("web", self.web), ("monitor", self.monitor)):
+                if part is not None:
+                    try:
+                        part.stop()
+                    except Exception:
+                        logger.exception("stopping the %s failed", name)
+            if self.superlink is not None:
+                self.superlink.stop()
+            if self.broker is not None:
+                self.broker.stop()
+            if self.registry is not None:
+                self.registry.close()
+            self.lock.release()
 
     def __enter__(self) -> CloudStack:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _process_alive(process: ManagedProcess | None) -> bool:
+    if process is None or not process.alive():
+        return False
+    # Flower's SuperLink starts SuperExec and ServerApp processes later on: remember them,
+    # so that a restart after the SuperLink died can still stop them by PID.
+    process.remember_descendants()
+    return True
+
+
+def _exit_text(process: ManagedProcess | None) -> str:
+    if process is None:
+        return "not started"
+    code = process.returncode()
+    return "running" if code is None else f"exit code {code}"
 
 
 # --- cloud init -------------------------------------------------------------------------
@@ -307,11 +522,15 @@ def init_cloud(
     model_dir: Path | None = None,
     broker_port: int | None = None,
     superlink_port: int | None = None,
+    web_port: int | None = None,
 ) -> Path:
     """Create ``directory/cloud.toml`` and everything it points at; returns the file.
 
     Keys are created with mode 0600. ``model_dir`` reuses an already built model
-    (model.tflite + card.json) instead of building one with TensorFlow.
+    (model.tflite + card.json) instead of building one with TensorFlow. Ports left
+    ``None`` are 0 (a free port at every start: tests and the demo) in a plain cloud, and
+    the secure fleet's fixed ports with ``secure``; ``edgefl cloud init`` passes the fixed
+    defaults of :mod:`cloud.ports`.
     """
     import shutil
 
@@ -329,6 +548,9 @@ def init_cloud(
     settings.signing.private_key = data / "keys" / "signing.pem"
     settings.signing.public_key = data / "keys" / "signing.pub"
     settings.web.operator_token_file = data / "keys" / "operator-token"
+    settings.broker.port = broker_port or 0
+    settings.superlink.port = superlink_port or 0
+    settings.web.port = web_port or 0
     settings.validate()
 
     if not settings.signing.private_key.exists():

@@ -86,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (systemd, kill, CI) unwinds like Ctrl-C so that every `finally` runs and
     # the children we started are stopped by PID.
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Ctrl-C works even when started in the background of a script (which ignores SIGINT).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

@@ -128,6 +128,11 @@ class ManagedProcess:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def remember_descendants(self) -> None:
+        """Note the PIDs of the children the process has now, so :meth:`stop` reaches them
+        even after the process itself has died (its children are then re-parented)."""
+        self._remember_descendants()
+
     def _remember_descendants(self) -> None:
         if self.proc is None:
             return

@@ -55,6 +55,18 @@ class WebServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    @property
+    def running(self) -> bool:
+        """Whether the server thread is up and serving."""
+        server, thread = self._server, self._thread
+        return (
+            server is not None
+            and thread is not None
+            and thread.is_alive()
+            and bool(server.started)
+            and not server.should_exit
+        )
+
     def start(self, timeout: float = 15.0) -> str:
         """Bind, start serving in a daemon thread, wait until ready; returns the URL."""
         if self._thread is not None:
@@ -73,6 +85,11 @@ class WebServer:
         sock.setblocking(False)
         self._socket = sock
         self.port = int(sock.getsockname()[1])
+        # Started again after a stop (or a crash), the server keeps its address.
+        self._requested_port = self.port
+        stop_streams = getattr(self.app.state, "stop_streams", None)
+        if isinstance(stop_streams, threading.Event):
+            stop_streams.clear()
         config = uvicorn.Config(
             self.app,
             log_level=self._log_level,
