@@ -268,8 +268,11 @@ class CloudStack:
         with self._lock:
             # Until the run is resubmitted, what the new SuperLink says about it is moot.
             self._resubmit_pending = self.run_active
-        # Also stops the old SuperExec and ServerApp processes, by the PIDs seen.
-        self.superlink.stop()
+        # The SuperLink is gone; its SuperExec and ServerApp (PIDs seen while it ran) go
+        # the same way, without a goodbye: a ServerApp told to stop would mark the registry's
+        # run failed, and the resubmitted run could not resume it.
+        if self.superlink.process is not None:
+            self.superlink.process.kill_tree()
         self._start_superlink()
 
     def _restart_web(self) -> None:

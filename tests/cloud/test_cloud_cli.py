@@ -109,6 +109,7 @@ def _add_version(conf: Path, mlp_model_dir: Path) -> None:
         registry.close()
 
 
+@pytest.mark.slow
 def test_one_cloud_per_data_dir_status_and_pin_find_it(
     conf: Path, mlp_model_dir: Path, up_factory: type[Up]
 ) -> None:
