@@ -92,8 +92,11 @@ class RoundsOut(BaseModel):
 class DeviceOut(BaseModel):
     device_id: str
     fleet: str
-    online: bool
-    state: str
+    online: bool = Field(description="False when the last status is OFFLINE.")
+    state: str = Field(
+        description="What the device last reported: SERVING, TRAINING, UPDATING, DEGRADED or "
+        "OFFLINE (DeviceState in docs/reference.md)."
+    )
     serving_version: int
     last_seen_ms: int = Field(description="Timestamp of the device's last status (ms).")
     received_at: float

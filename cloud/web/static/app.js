@@ -93,10 +93,22 @@
     return metric(metrics, name);
   }
 
+  /** A metric value: counts (examples, steps) as integers, the rest with 3 decimals. */
+  function metricValue(value) {
+    return Number.isInteger(value) ? String(value) : fmt(value);
+  }
+
   function metricsText(metrics) {
     const keys = Object.keys(metrics || {}).sort();
     if (!keys.length) return "–";
-    return keys.map((k) => k + " " + fmt(metrics[k])).join(" · ");
+    return keys.map((k) => k + " " + metricValue(metrics[k])).join(" · ");
+  }
+
+  /** The device states of the status protocol (docs/reference.md, DeviceState). */
+  const DEVICE_STATES = ["SERVING", "TRAINING", "UPDATING", "DEGRADED", "OFFLINE"];
+
+  function deviceState(d) {
+    return DEVICE_STATES.includes(d.state) ? d.state : "UNKNOWN";
   }
 
   function setProgress(node, fraction, label) {
@@ -129,6 +141,8 @@
     ]);
     state.rounds = rounds; state.devices = devices; state.models = models; state.events = events;
     renderRounds(); renderDevices(); renderModels(); renderEvents();
+    renderOverview();  // the rollout card follows the fleet target's row of the models list
+    document.body.removeAttribute("data-loading");
   }
 
   function scheduleRefresh() {
@@ -185,10 +199,18 @@
     $("metric-train-loss").textContent = m ? fmt(trainMetric(m.aggregated, "loss")) : "–";
     $("metrics-meta").textContent = m ? "after round " + m.round : "No metrics yet.";
 
-    const v = o.newest_version;
-    $("newest-version").textContent = v ? "v" + v.version : "no model yet";
+    // The card follows the fleet target: the pinned version while pinned, else the newest.
+    const newest = o.newest_version;
     const s = o.serving;
-    $("serving-info").textContent = s ? "fleet target v" + s.version + (s.pinned ? " (pinned)" : "") : "";
+    const listed = s && state.models ? state.models.versions.find((x) => x.version === s.version) : null;
+    const v = s && newest && s.version !== newest.version ? listed || null : newest;
+    const target = s ? s.version : newest ? newest.version : null;
+    $("newest-version").textContent = target !== null ? "v" + target : "no model yet";
+    $("serving-info").textContent = s
+      ? (s.pinned ? "pinned fleet target" : "fleet target") +
+        (newest && newest.version !== s.version ? " · newest v" + newest.version : "")
+      : newest ? "newest, not released yet" : "";
+    $("spread-progress").setAttribute("aria-label", "Online devices serving the fleet target");
     if (v && v.spread.total) {
       const sp = v.spread;
       setProgress($("spread-progress"), sp.online ? sp.serving / sp.online : 0, sp.serving + " of " + sp.online + " online devices");
@@ -324,8 +346,7 @@
   function renderDevices() {
     const rows = state.devices.map((d) => el("tr", { "data-device": d.device_id },
       el("th", { scope: "row", text: d.device_id }),
-      el("td", {}, el("span", { className: "badge " + (d.online ? "online" : "offline"), text: d.online ? "online" : "offline" }),
-        d.online && d.state !== "SERVING" ? " " + d.state.toLowerCase() : ""),
+      el("td", {}, el("span", { className: "badge state-" + deviceState(d).toLowerCase(), text: deviceState(d) })),
       el("td", { className: "num", text: d.serving_version ? "v" + d.serving_version : "none" }),
       el("td", { className: "num", title: new Date(d.last_seen_ms).toLocaleString(), text: ago(d.last_seen_ms / 1000) }),
       el("td", { className: "num", text: String(d.sample_count) }),
@@ -352,6 +373,7 @@
       return el("tr", { "data-version": v.version, className: isCurrent ? "is-current" : "" },
         el("th", { scope: "row" }, "v" + v.version, isCurrent ? " " : null,
           isCurrent ? el("span", { className: "badge " + (current.pinned ? "pinned" : "ok"), text: current.pinned ? "pinned" : "target" }) : null),
+        el("td", { className: "num", text: v.run_id === null ? "–" : String(v.run_id) }),
         el("td", { className: "num", text: String(v.round) }),
         el("td", { text: v.architecture_id }),
         el("td", { text: metricsText(v.metrics) }),
@@ -361,7 +383,7 @@
         el("td", { className: "num", text: ago(v.created_at) }),
         el("td", {}, actions));
     });
-    replaceRows(document.querySelector("#models-table tbody"), rows, "No model version yet.", 9);
+    replaceRows(document.querySelector("#models-table tbody"), rows, "No model version yet.", 10);
   }
 
   function renderEvents() {
