@@ -13,6 +13,10 @@ or half-written blob, and writing the same bytes twice stores them once. Reading
 version's bytes recomputes the digest and raises :class:`ArtifactCorruptError` if the
 stored bytes do not match.
 
+The schema is versioned with Alembic (:mod:`cloud.migrations`): opening a registry
+upgrades its database in place to this release's schema, and refuses one a newer
+release wrote (:class:`SchemaError`).
+
 SQLite specifics: the database runs in WAL mode (readers never block the writer),
 with a busy timeout, and every write transaction starts with ``BEGIN IMMEDIATE`` so
 that two processes never deadlock upgrading a read lock to a write lock.
@@ -26,6 +30,7 @@ Errors::
     RegistryError (RuntimeError)
     ├── NotFoundError (LookupError)   no such run / version / device
     ├── ArtifactCorruptError          stored bytes do not match their digest
+    ├── SchemaError                   the database's schema cannot be upgraded (newer, foreign)
     └── InvalidRecordError (ValueError)  bad status, round number, metrics ...
 """
 
@@ -49,12 +54,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
+from cloud import migrations
 from cloud.registry_models import (
     ArtifactRow,
-    Base,
     DeviceRow,
     EventRow,
     MetaRow,
+    PublishRow,
     RoundReplyRow,
     RoundRow,
     RunRow,
@@ -88,6 +94,10 @@ class NotFoundError(RegistryError, LookupError):
 
 class ArtifactCorruptError(RegistryError):
     """A stored artifact whose bytes no longer match their SHA-256 digest."""
+
+
+class SchemaError(RegistryError):
+    """The database's schema is newer than this edgefl's, or not a registry's."""
 
 
 class InvalidRecordError(RegistryError, ValueError):
@@ -231,6 +241,33 @@ class Event:
     version: int
 
 
+@dataclass(frozen=True)
+class RegistryStats:
+    """Counts over the whole registry, read in one transaction (what ``/metrics`` shows)."""
+
+    runs_by_status: dict[str, int]
+    rounds_finished: int
+    rounds_running: int
+    #: Durations (seconds) of every finished round that has a start time.
+    round_durations: list[float]
+    #: Device answers over all rounds: ``ok``, ``failed``, ``dropped`` (timed out).
+    replies: dict[str, int]
+    #: The newest round (highest run, then round): its number and how many were sampled.
+    latest_round: int
+    latest_round_sampled: int
+    devices_by_state: dict[str, int]
+    #: Online (not OFFLINE) devices by the version they serve.
+    online_by_version: dict[int, int]
+    #: The version the fleet should serve (0 before the first release).
+    current_version: int
+    versions: int
+    artifacts: int
+    artifact_bytes: int
+    events: int
+    #: Durations (seconds) of every recorded publish.
+    publish_durations: list[float]
+
+
 class Spread(TypedDict):
     """How far a version has spread: online devices serving it, online, known devices."""
 
@@ -333,8 +370,12 @@ class Registry:
         self._write_engine = self._engine.execution_options(**{_WRITE_OPTION: True})
         # StaticPool shares one connection: serialize its users within this process.
         self._local_lock = threading.RLock() if kwargs.get("poolclass") is StaticPool else None
-        with self._write_engine.begin() as conn:
-            Base.metadata.create_all(conn)
+        try:
+            with self._maybe_locked(), self._write_engine.begin() as conn:
+                migrations.upgrade(conn)
+        except migrations.MigrationError as exc:
+            self._engine.dispose()
+            raise SchemaError(str(exc)) from exc
         logger.debug("registry opened at %s", parsed.render_as_string(hide_password=True))
 
     def close(self) -> None:
@@ -625,8 +666,23 @@ class Registry:
         with self._read() as session:
             return int(session.scalar(select(func.count()).select_from(ArtifactRow)) or 0)
 
-    def set_current(self, version: int, *, pinned: bool, sequence: int | None = None) -> Serving:
-        """Record what the fleet should serve. ``sequence`` defaults to the previous + 1."""
+    def set_current(
+        self,
+        version: int,
+        *,
+        pinned: bool,
+        sequence: int | None = None,
+        publish_seconds: float | None = None,
+    ) -> Serving:
+        """Record what the fleet should serve. ``sequence`` defaults to the previous + 1.
+
+        ``publish_seconds`` (how long publishing the release took) also records the
+        publish in the ``publishes`` table, which ``/metrics`` reads.
+        """
+        if publish_seconds is not None and not (
+            math.isfinite(publish_seconds) and publish_seconds >= 0
+        ):
+            raise InvalidRecordError(f"publish_seconds must be ≥ 0, got {publish_seconds}")
         with self._write() as session:
             if session.get(VersionRow, version) is None:
                 raise NotFoundError(f"no model version {version}")
@@ -646,6 +702,16 @@ class Registry:
                 row.pinned = pinned
                 row.sequence = row.sequence + 1 if sequence is None else sequence
                 row.updated_at = now
+            if publish_seconds is not None:
+                session.add(
+                    PublishRow(
+                        version=version,
+                        sequence=row.sequence,
+                        pinned=pinned,
+                        published_at=now,
+                        duration_s=float(publish_seconds),
+                    )
+                )
             session.flush()
             result = Serving(row.version, bool(row.pinned), row.sequence, row.updated_at)
         logger.info("fleet serves version %s (pinned=%s)", version, pinned)
@@ -932,6 +998,77 @@ class Registry:
             online = int(session.scalar(online_q) or 0)
             serving = int(session.scalar(online_q.where(DeviceRow.serving_version == version)) or 0)
         return Spread(serving=serving, online=online, total=total)
+
+    def stats(self) -> RegistryStats:
+        """Counts of runs, rounds, replies, devices, versions and publishes (one read)."""
+        with self._read() as session:
+
+            def count(model: type[Any]) -> int:
+                return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+            runs_by_status = {
+                str(status): int(n)
+                for status, n in session.execute(
+                    select(RunRow.status, func.count()).group_by(RunRow.status)
+                )
+            }
+            finished = running = 0
+            durations: list[float] = []
+            dropped = 0
+            for started, ended, dropped_json in session.execute(
+                select(RoundRow.started_at, RoundRow.finished_at, RoundRow.dropped_json)
+            ):
+                if ended is None:
+                    running += started is not None
+                    continue
+                finished += 1
+                dropped += len(json.loads(dropped_json))
+                if started is not None:
+                    durations.append(max(0.0, float(ended) - float(started)))
+            latest = session.execute(
+                select(RoundRow.round, RoundRow.sampled_json)
+                .order_by(RoundRow.run_id.desc(), RoundRow.round.desc())
+                .limit(1)
+            ).first()
+            replies = {"ok": 0, "failed": 0, "dropped": dropped}
+            for ok, n in session.execute(
+                select(RoundReplyRow.ok, func.count()).group_by(RoundReplyRow.ok)
+            ):
+                replies["ok" if ok else "failed"] += int(n)
+            by_state = {
+                str(state): int(n)
+                for state, n in session.execute(
+                    select(DeviceRow.state, func.count()).group_by(DeviceRow.state)
+                )
+            }
+            by_version = {
+                int(version): int(n)
+                for version, n in session.execute(
+                    select(DeviceRow.serving_version, func.count())
+                    .where(DeviceRow.state != "OFFLINE")
+                    .group_by(DeviceRow.serving_version)
+                )
+            }
+            serving = session.get(ServingRow, 1)
+            artifact_bytes = int(session.scalar(select(func.sum(ArtifactRow.size))) or 0)
+            publishes = [float(d) for d in session.scalars(select(PublishRow.duration_s))]
+            return RegistryStats(
+                runs_by_status=runs_by_status,
+                rounds_finished=finished,
+                rounds_running=running,
+                round_durations=durations,
+                replies=replies,
+                latest_round=0 if latest is None else int(latest[0]),
+                latest_round_sampled=0 if latest is None else len(json.loads(latest[1])),
+                devices_by_state=by_state,
+                online_by_version=by_version,
+                current_version=0 if serving is None else int(serving.version),
+                versions=count(VersionRow),
+                artifacts=count(ArtifactRow),
+                artifact_bytes=artifact_bytes,
+                events=count(EventRow),
+                publish_durations=publishes,
+            )
 
 
 def _filter_devices(query: Any, state: str | None, search: str | None, version: int | None) -> Any:

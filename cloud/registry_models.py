@@ -16,6 +16,10 @@ Tables::
     devices         the latest status each device reported
     events          device events (release installed / rejected ...), newest last
     meta            key/value counters; ``changes`` grows with every write
+    publishes       one row per release published to the fleet: version, sequence, duration
+
+The schema's history lives in :mod:`cloud.migrations` (Alembic): a change here needs a
+new revision there, and a test checks that both describe the same schema.
 """
 
 from __future__ import annotations
@@ -81,7 +85,8 @@ class ServingRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     version: Mapped[int] = mapped_column(ForeignKey("versions.version"))
     pinned: Mapped[bool] = mapped_column(Boolean, default=False)
-    sequence: Mapped[int] = mapped_column(Integer, default=0)
+    #: The publisher's release sequence: a millisecond timestamp, hence 64 bits.
+    sequence: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[float] = mapped_column(Float)
 
 
@@ -117,8 +122,8 @@ class DeviceRow(Base):
 
     device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     fleet: Mapped[str] = mapped_column(String(128), default="")
-    serving_version: Mapped[int] = mapped_column(Integer, default=0)
-    state: Mapped[str] = mapped_column(String(16))
+    serving_version: Mapped[int] = mapped_column(Integer, default=0, index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
     timestamp_ms: Mapped[int] = mapped_column(BigInteger)
     received_at: Mapped[float] = mapped_column(Float)
     last_round_trained: Mapped[int] = mapped_column(Integer, default=0)
@@ -148,4 +153,16 @@ class MetaRow(Base):
     __tablename__ = "meta"
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[int] = mapped_column(Integer, default=0)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class PublishRow(Base):
+    __tablename__ = "publishes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    version: Mapped[int] = mapped_column(Integer)
+    sequence: Mapped[int] = mapped_column(BigInteger)
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False)
+    published_at: Mapped[float] = mapped_column(Float)
+    #: Seconds from the first chunk sent to the manifest acknowledged by the broker.
+    duration_s: Mapped[float] = mapped_column(Float)

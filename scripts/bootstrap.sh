@@ -29,6 +29,12 @@ need_pkgs=()
 if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
   need_pkgs+=(mosquitto)
 fi
+# The registry tests also run on a real PostgreSQL server (initdb + postgres in a
+# temporary directory, started by the test fixture).
+if [ "${EDGEFL_WITH_POSTGRES:-0}" = "1" ] && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null \
+  && ! command -v initdb >/dev/null; then
+  need_pkgs+=(postgresql)
+fi
 if [ "${EDGEFL_WITH_BROWSER:-0}" = "1" ] && [ ! -x /usr/bin/chromium ]; then
   need_pkgs+=(chromium)
 fi
@@ -38,8 +44,8 @@ fi
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
   apt_install "${need_pkgs[@]}"
 fi
-# The distribution's mosquitto service is not what edgefl uses: it starts its own
-# brokers with generated configurations on free ports.
+# The distribution's mosquitto and postgresql services are not what edgefl uses: it
+# starts its own brokers (and the tests their own PostgreSQL) on free ports.
 
 if ! "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
   echo "edgefl needs Python 3.11 or newer (found $("$PYTHON" --version 2>&1))" >&2

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.broker",
     "tests.fixtures.flower",
     "tests.fixtures.models",
+    "tests.fixtures.postgres",
 ]

@@ -1,8 +1,8 @@
-"""The registry on a real SQLite file: versions, artifacts, rounds, devices, concurrency."""
+"""The registry on a real SQLite file and a real PostgreSQL server: versions, artifacts, rounds,
+devices, concurrency. Every test runs on both databases (``registry_url`` is parametrised)."""
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from cloud.registry import (
     ArtifactCorruptError,
     InvalidRecordError,
     NotFoundError,
     Registry,
-    sqlite_url,
 )
 from protos.codec import DeviceEvent, DeviceStatus
 
@@ -25,13 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "registry.db"
-
-
-@pytest.fixture
-def registry(db_path: Path) -> Iterator[Registry]:
-    reg = Registry(sqlite_url(db_path))
+def registry(registry_url: str) -> Iterator[Registry]:
+    reg = Registry(registry_url)
     yield reg
     reg.close()
 
@@ -118,8 +113,8 @@ def test_content_address_is_the_sha256_of_the_bytes(registry: Registry) -> None:
     assert v.size == 3
 
 
-def test_reopening_resumes_where_it_stopped(db_path: Path) -> None:
-    first = Registry(sqlite_url(db_path))
+def test_reopening_resumes_where_it_stopped(registry_url: str) -> None:
+    first = Registry(registry_url)
     run = first.start_run(num_rounds=5, strategy="fedprox", config={"mu": 0.1}, flower_run_id="42")
     for rnd in (1, 2, 3):
         first.add_version(
@@ -133,7 +128,7 @@ def test_reopening_resumes_where_it_stopped(db_path: Path) -> None:
     first.set_current(3, pinned=False)
     first.close()
 
-    second = Registry(sqlite_url(db_path))
+    second = Registry(registry_url)
     latest = second.latest_version()
     assert latest is not None and (latest.version, latest.round) == (3, 3)
     resumed_run = second.latest_run()
@@ -161,7 +156,7 @@ def test_reopening_resumes_where_it_stopped(db_path: Path) -> None:
     second.close()
 
 
-def test_tampered_artifact_is_refused(registry: Registry, db_path: Path) -> None:
+def test_tampered_artifact_is_refused(registry: Registry, registry_url: str) -> None:
     v = registry.add_version(
         package=b"genuine weights",
         architecture_id="mlp",
@@ -170,10 +165,13 @@ def test_tampered_artifact_is_refused(registry: Registry, db_path: Path) -> None
         parent_version=None,
         metrics={},
     )
-    with sqlite3.connect(db_path) as conn:
+    engine = create_engine(registry_url)
+    with engine.begin() as conn:
         conn.execute(
-            "UPDATE artifacts SET data = ? WHERE sha256 = ?", (b"evil weights!!!", v.sha256)
+            text("UPDATE artifacts SET data = :data WHERE sha256 = :sha"),
+            {"data": b"evil weights!!!", "sha": v.sha256},
         )
+    engine.dispose()
     with pytest.raises(ArtifactCorruptError, match=f"expected {v.sha256}"):
         registry.version_bytes(v.version)
     with pytest.raises(ArtifactCorruptError):
@@ -228,6 +226,19 @@ def test_runs_and_serving_pointer(registry: Registry) -> None:
     rollback = registry.set_current(1, pinned=True)
     assert (rollback.version, rollback.pinned, rollback.sequence) == (1, True, 2)
     assert registry.set_current(2, pinned=False, sequence=10).sequence == 10
+
+
+def test_release_sequences_are_millisecond_timestamps(registry: Registry) -> None:
+    # The publisher numbers releases with time.time() in ms (> 2**31): PostgreSQL's
+    # INTEGER refused them ("integer out of range"), so every round's release failed.
+    registry.add_version(
+        package=b"w", architecture_id="mlp", round=0, run_id=None, parent_version=None, metrics={}
+    )
+    sequence = 1_796_000_000_000
+    assert registry.set_current(1, pinned=False, sequence=sequence).sequence == sequence
+    current = registry.current()
+    assert current is not None and current.sequence == sequence
+    assert registry.set_current(1, pinned=True).sequence == sequence + 1
 
 
 def test_round_bookkeeping(registry: Registry) -> None:
@@ -329,9 +340,9 @@ def test_change_token_grows_with_writes(registry: Registry) -> None:
     assert changed and new_token > token
 
 
-def test_two_registries_in_two_threads(db_path: Path) -> None:
-    writer = Registry(sqlite_url(db_path))
-    reader = Registry(sqlite_url(db_path))
+def test_two_registries_in_two_threads(registry_url: str) -> None:
+    writer = Registry(registry_url)
+    reader = Registry(registry_url)
     run = writer.start_run(num_rounds=40, strategy="fedavg", config={})
     errors: list[BaseException] = []
 
@@ -387,11 +398,11 @@ _CHILD = textwrap.dedent(
 )
 
 
-def test_two_processes_on_one_sqlite_file(db_path: Path) -> None:
-    parent = Registry(sqlite_url(db_path))
+def test_two_processes_on_one_database(registry_url: str) -> None:
+    parent = Registry(registry_url)
     parent_run = parent.start_run(num_rounds=30, strategy="fedavg", config={})
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, sqlite_url(db_path)],
+        [sys.executable, "-c", _CHILD, registry_url],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

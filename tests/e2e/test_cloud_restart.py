@@ -1,4 +1,6 @@
-"""The cloud killed mid-run and restarted resumes from the last stored version."""
+"""The cloud killed mid-run and restarted resumes from the last stored version.
+
+Run with the registry on SQLite (the default) and on a real PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -11,10 +13,22 @@ from tests.e2e.conftest import fleet_spec, wait_for_round, wait_served
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_url_setting(request: pytest.FixtureRequest) -> str:
+    """``[registry] url``: empty (SQLite in the data dir) or a database on a real PostgreSQL.
+
+    Requested before the stack, so the database outlives the cloud processes using it.
+    """
+    if request.param == "sqlite":
+        return ""
+    return str(request.getfixturevalue("postgres_url"))
+
+
 def test_cloud_restart_resumes_without_losing_or_duplicating_versions(
-    cloud_settings, stack_factory, fleet_factory
+    registry_url_setting, cloud_settings, stack_factory, fleet_factory
 ) -> None:
     s = cloud_settings
+    s.registry.url = registry_url_setting
     s.run = dataclasses.replace(s.run, num_rounds=3, min_nodes=2)
     stack = stack_factory(s)
     fleet = fleet_factory(fleet_spec(s, stack, scheme="iid"), 2)
