@@ -8,6 +8,7 @@ pin`` and the web UI's pin button call :func:`pin_version`. Both go through the 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -102,6 +103,7 @@ def publish_version(
     """Publish a stored version to the fleet and record it as current."""
     v = registry.get_version(version)
     data = registry.version_bytes(version)
+    started = time.monotonic()
     manifest = publisher.publish_release(
         version=v.version,
         parent_version=v.parent_version or 0,
@@ -111,7 +113,12 @@ def publish_version(
         metrics=dict(v.metrics),
         pinned=pinned,
     )
-    registry.set_current(v.version, pinned=pinned, sequence=manifest.sequence)
+    registry.set_current(
+        v.version,
+        pinned=pinned,
+        sequence=manifest.sequence,
+        publish_seconds=time.monotonic() - started,
+    )
     logger.info(
         "published version %d (%s, %d bytes, sequence %d)",
         v.version,

@@ -592,6 +592,9 @@ class Agent:
         self._emit_event(EVENT_REJECTED, reason, version)
 
     def _emit_event(self, kind: str, detail: str, version: int) -> None:
+        metrics = getattr(self.node, "metrics", None)  # edge.metrics.DeviceMetrics, if any
+        if metrics is not None:
+            metrics.release_event(kind)
         event = codec.DeviceEvent(
             device_id=self.settings.device_id,
             timestamp_ms=_now_ms(),

@@ -234,6 +234,18 @@ class FlowerSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """``[metrics]``: the Prometheus endpoint (``http://host:port/metrics``) of the edge process."""
+
+    enabled: bool = True
+    """Serve ``/metrics`` (edge.metrics names every metric)."""
+    host: str = DEFAULT_GRPC_HOST
+    """Address to bind; keep loopback unless a Prometheus on another host scrapes it."""
+    port: int = 0
+    """Port to bind; 0 picks a free one. The bound port is written to ``metrics.port``."""
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a device reads at start."""
 
@@ -246,11 +258,17 @@ class Settings:
     trust: TrustSettings = field(default_factory=TrustSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     flower: FlowerSettings | None = None
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     @property
     def port_file(self) -> Path:
         """File the bound gRPC port is written to."""
         return self.device.data_dir / "grpc.port"
+
+    @property
+    def metrics_port_file(self) -> Path:
+        """File the bound port of the ``/metrics`` endpoint is written to."""
+        return self.device.data_dir / "metrics.port"
 
 
 _SECTIONS: dict[str, type] = {
@@ -263,6 +281,7 @@ _SECTIONS: dict[str, type] = {
     "trust": TrustSettings,
     "model": ModelSettings,
     "flower": FlowerSettings,
+    "metrics": MetricsSettings,
 }
 
 # Checks beyond types: (section, key) → (predicate, description).
@@ -293,6 +312,7 @@ _RULES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("model", "name"): (lambda v: bool(v), "must not be empty"),
     ("model", "keep_versions"): (lambda v: v >= 1, "must be >= 1"),
     ("flower", "port"): (lambda v: 0 <= v <= 65535, "must be in 0..65535"),
+    ("metrics", "port"): (lambda v: 0 <= v <= 65535, "must be in 0..65535"),
 }
 
 
@@ -455,6 +475,7 @@ def load_settings(
         trust=TrustSettings(**built["trust"]),
         model=ModelSettings(**built["model"]),
         flower=None if built["flower"] is None else FlowerSettings(**built["flower"]),
+        metrics=MetricsSettings(**built["metrics"]),
     )
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from edge.config import Settings
 from edge.errors import EdgeError, InstallError, StoreError
 from edge.local_data import LocalData, SampleSpec
+from edge.metrics import DeviceMetrics
 from edge.model_check import UnsafeModelError, check_isolated
 from edge.model_store import ModelStore, StoredModel
 from edge.serving import Serving, ServingModel
@@ -58,6 +59,9 @@ class EdgeNode:
             self.serving, self.data, settings.training, on_fit=self._fit_done
         )
         self.serving.add_listener(self._on_swap)
+        self.metrics = DeviceMetrics(
+            local_samples=lambda: len(self.data), serving_version=self.serving_version
+        )
         self._install_lock = threading.Lock()
         self._updating = False
         self.last_error = ""
@@ -175,6 +179,7 @@ class EdgeNode:
         self.store.write_state(state)
 
     def _fit_done(self, server_round: int, metrics: dict[str, float]) -> None:
+        self.metrics.observe_fit(float(metrics.get("seconds", 0.0)), server_round)
         self.last_metrics = dict(metrics)
         if server_round > 0:
             try:

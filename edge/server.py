@@ -77,6 +77,7 @@ def build_server(
     workers = max(8, cfg.serving_threads + 6)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edgefl-grpc"),
+        interceptors=[node.metrics.interceptor()],
         options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -146,6 +147,8 @@ class EdgeServer:
         self.health = health.HealthServicer()
         self._server: grpc.Server | None = None
         self.port = 0
+        #: Port of the ``/metrics`` endpoint (0 when ``[metrics] enabled = false``).
+        self.metrics_port = 0
 
     @property
     def address(self) -> str:
@@ -153,7 +156,10 @@ class EdgeServer:
         return _address(self.settings.grpc.host, self.port)
 
     def start(self) -> int:
-        """Start the node (if created here) and the server; write the port file; return the port."""
+        """Start the node (if created here), the server and ``/metrics``; write the port files.
+
+        Returns the gRPC port; raises :class:`BindError` when either port cannot be bound.
+        """
         if self._own_node:
             self.node.start()
         self._server, self.port = build_server(
@@ -161,6 +167,21 @@ class EdgeServer:
         )
         self._server.start()
         atomic_write(self.settings.port_file, f"{self.port}\n".encode("ascii"))
+        metrics = self.settings.metrics
+        if metrics.enabled:
+            try:
+                self.metrics_port = self.node.metrics.serve(metrics.host, metrics.port)
+            except OSError as exc:
+                self._server.stop(0).wait()
+                self._server = None
+                with contextlib.suppress(OSError):
+                    self.settings.port_file.unlink()
+                raise BindError(
+                    f"cannot bind the metrics endpoint to {_address(metrics.host, metrics.port)}: "
+                    f"{exc.strerror or exc} (set [metrics] port = 0 for a free port, or "
+                    "enabled = false)"
+                ) from exc
+            atomic_write(self.settings.metrics_port_file, f"{self.metrics_port}\n".encode("ascii"))
         return self.port
 
     def stop(self, grace: float | None = None) -> None:
@@ -173,8 +194,10 @@ class EdgeServer:
         time.sleep(self.settings.grpc.drain_delay_s)
         self._server.stop(grace).wait()
         self._server = None
-        with contextlib.suppress(OSError):
-            self.settings.port_file.unlink()
+        self.node.metrics.stop()
+        for port_file in (self.settings.port_file, self.settings.metrics_port_file):
+            with contextlib.suppress(OSError):
+                port_file.unlink()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or ``timeout``); True if it stopped."""

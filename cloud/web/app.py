@@ -6,6 +6,8 @@ token>`` and are carried out by a :class:`WebActions` object that the cloud supe
 provides (it owns the publisher and the Flower run). Without a configured token, write
 actions answer 503; with a missing or wrong token, 401.
 
+``/metrics`` serves Prometheus metrics (names in :mod:`cloud.metrics`).
+
 ``/api/stream`` is a server-sent event stream: an ``overview`` event on connect and
 whenever the registry's change counter moves (whichever process wrote), plus a
 ``heartbeat`` event when nothing happened for a while.
@@ -33,6 +35,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cloud import metrics as cloud_metrics
 from cloud.registry import ArtifactCorruptError, NotFoundError, Registry
 from cloud.web import schemas
 from protos.codec import DEVICE_STATES
@@ -234,6 +237,13 @@ def create_app(
             logger.warning("health check: registry unreachable: %s", exc)
             return JSONResponse({"status": "unavailable", "detail": str(exc)}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    collectors = cloud_metrics.cloud_collectors(registry)
+
+    @app.get("/metrics", tags=["meta"], summary="Prometheus metrics (text format)")
+    def metrics() -> Response:
+        """Rounds, devices by state, version spread, publish latency, registry size."""
+        return Response(cloud_metrics.render(collectors), media_type=cloud_metrics.CONTENT_TYPE)
 
     # -- reads ---------------------------------------------------------------------------
 
