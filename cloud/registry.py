@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy import Engine, and_, case, create_engine, event, func, literal, or_, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -866,38 +866,74 @@ class Registry:
         knowledge, so the device's next status after it reconnects is accepted. A stale
         OFFLINE redelivered while the device is up is corrected by its next status.
         """
-        last_metrics = _check_status(status)
-        with self._write() as session:
-            row = session.get(DeviceRow, status.device_id)
-            return _apply_status(session, row, status, last_metrics) is not None
+        _check_status(status)
+        return self.upsert_device_statuses([status]) > 0
 
     def upsert_device_statuses(self, statuses: Sequence[DeviceStatus]) -> int:
-        """Store many statuses (oldest first) in one transaction; returns how many changed.
+        """Store many statuses (in arrival order) in one transaction; returns how many changed.
 
         Each status follows the rules of :meth:`upsert_device_status`. An invalid one is
-        logged and skipped: the others in the batch are still stored.
+        logged and skipped: the others in the batch are still stored. On SQLite and
+        PostgreSQL the rules run in the database (``INSERT ... ON CONFLICT DO UPDATE ...
+        WHERE``, one ``executemany`` per round of distinct devices), which keeps 2,000
+        statuses a second cheap; other databases go row by row.
         """
-        checked: list[tuple[DeviceStatus, dict[str, float]]] = []
+        now = time.time()
+        rounds: list[list[dict[str, Any]]] = []
+        seen: dict[str, int] = {}
         for status in statuses:
             try:
-                checked.append((status, _check_status(status)))
+                values = _status_values(status, _check_status(status), now)
             except InvalidRecordError as exc:
                 logger.warning("status of %r not stored: %s", status.device_id, exc)
-        if not checked:
+                continue
+            # A device twice in one batch goes into the next round, so that its second
+            # status meets the first one's result, as two separate upserts would.
+            n = seen.get(status.device_id, 0)
+            seen[status.device_id] = n + 1
+            if n == len(rounds):
+                rounds.append([])
+            rounds[n].append(values)
+        if not rounds:
             return 0
         changed = 0
         with self._write() as session:
-            ids = {status.device_id for status, _ in checked}
-            rows = {
-                r.device_id: r
-                for r in session.scalars(select(DeviceRow).where(DeviceRow.device_id.in_(ids)))
-            }
-            for status, last_metrics in checked:
-                written = _apply_status(session, rows.get(status.device_id), status, last_metrics)
-                if written is not None:
-                    rows[status.device_id] = written
-                    changed += 1
+            statement = self._status_upsert()
+            for values_list in rounds:
+                if statement is None:
+                    changed += _apply_rows(session, values_list)
+                else:
+                    changed += len(session.execute(statement, values_list).all())
         return changed
+
+    def _status_upsert(self) -> Any:
+        """The dialect's ``INSERT ... ON CONFLICT DO UPDATE`` for statuses (None: no such)."""
+        backend = self._engine.dialect.name
+        if backend == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        elif backend == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+        else:
+            return None
+        table: Any = DeviceRow.__table__
+        ins = insert(table)
+        new = ins.excluded
+        newer = new.timestamp_ms >= table.c.timestamp_ms
+        keep_or_take = {
+            name: case((newer, new[name]), else_=table.c[name])
+            for name in _STATUS_COLUMNS
+            if name not in ("device_id", "state", "received_at")
+        }
+        return ins.on_conflict_do_update(
+            index_elements=[table.c.device_id],
+            set_={
+                **keep_or_take,
+                # An older OFFLINE (a Last Will) still marks the device OFFLINE.
+                "state": case((newer, new.state), else_=literal("OFFLINE")),
+                "received_at": new.received_at,
+            },
+            where=or_(newer, and_(new.state == "OFFLINE", table.c.state != "OFFLINE")),
+        ).returning(table.c.device_id)  # the rows written (drivers' executemany rowcount varies)
 
     def get_device(self, device_id: str) -> Device:
         with self._read() as session:
@@ -1093,38 +1129,68 @@ def _check_status(status: DeviceStatus) -> dict[str, float]:
     return _metrics(status.last_metrics, what=f"status of {status.device_id}")
 
 
-def _apply_status(
-    session: Session, row: DeviceRow | None, status: DeviceStatus, last_metrics: dict[str, float]
-) -> DeviceRow | None:
-    """Write ``status`` over ``row`` (None: a new device) per :meth:`Registry.upsert_device_status`.
+_STATUS_COLUMNS = (
+    "device_id",
+    "fleet",
+    "serving_version",
+    "state",
+    "timestamp_ms",
+    "received_at",
+    "last_round_trained",
+    "sample_count",
+    "cpu_percent",
+    "rss_bytes",
+    "disk_free_bytes",
+    "memory_available_bytes",
+    "profile",
+    "last_error",
+    "last_metrics_json",
+    "edgefl_version",
+)
+"""The ``devices`` columns a status writes."""
 
-    Returns the row written, or None when the status was older and changed nothing.
-    """
-    if row is not None and row.timestamp_ms > status.timestamp_ms:
-        if status.state != "OFFLINE" or row.state == "OFFLINE":
-            return None
-        row.state = "OFFLINE"
-        row.received_at = time.time()
-        return row
-    if row is None:
-        row = DeviceRow(device_id=status.device_id)
-        session.add(row)
-    row.fleet = status.fleet
-    row.serving_version = status.serving_version
-    row.state = status.state
-    row.timestamp_ms = status.timestamp_ms
-    row.received_at = time.time()
-    row.last_round_trained = status.last_round_trained
-    row.sample_count = status.sample_count
-    row.cpu_percent = status.cpu_percent
-    row.rss_bytes = status.rss_bytes
-    row.disk_free_bytes = status.disk_free_bytes
-    row.memory_available_bytes = status.memory_available_bytes
-    row.profile = status.profile
-    row.last_error = status.last_error
-    row.last_metrics_json = _dumps(last_metrics)
-    row.edgefl_version = status.edgefl_version
-    return row
+
+def _status_values(
+    status: DeviceStatus, last_metrics: dict[str, float], now: float
+) -> dict[str, Any]:
+    """The ``devices`` row a checked status becomes."""
+    return {
+        "device_id": status.device_id,
+        "fleet": status.fleet,
+        "serving_version": status.serving_version,
+        "state": status.state,
+        "timestamp_ms": status.timestamp_ms,
+        "received_at": now,
+        "last_round_trained": status.last_round_trained,
+        "sample_count": status.sample_count,
+        "cpu_percent": status.cpu_percent,
+        "rss_bytes": status.rss_bytes,
+        "disk_free_bytes": status.disk_free_bytes,
+        "memory_available_bytes": status.memory_available_bytes,
+        "profile": status.profile,
+        "last_error": status.last_error,
+        "last_metrics_json": _dumps(last_metrics),
+        "edgefl_version": status.edgefl_version,
+    }
+
+
+def _apply_rows(session: Session, values_list: list[dict[str, Any]]) -> int:
+    """The upsert rules row by row (databases without ``ON CONFLICT``); returns changes."""
+    changed = 0
+    for values in values_list:
+        row = session.get(DeviceRow, values["device_id"])
+        if row is not None and row.timestamp_ms > values["timestamp_ms"]:
+            if values["state"] != "OFFLINE" or row.state == "OFFLINE":
+                continue
+            row.state = "OFFLINE"
+            row.received_at = values["received_at"]
+        elif row is None:
+            session.add(DeviceRow(**values))
+        else:
+            for name, value in values.items():
+                setattr(row, name, value)
+        changed += 1
+    return changed
 
 
 def _run(row: RunRow) -> Run:

@@ -31,9 +31,12 @@ def registry(tmp_path: Path) -> Iterator[Registry]:
     reg.close()
 
 
+@pytest.mark.parametrize("in_sql", [True, False], ids=["on-conflict", "row-by-row"])
 def test_a_batch_follows_the_single_status_rules_and_skips_only_bad_statuses(
-    registry: Registry,
+    registry: Registry, monkeypatch: pytest.MonkeyPatch, in_sql: bool
 ) -> None:
+    if not in_sql:  # the path of databases without INSERT ... ON CONFLICT
+        monkeypatch.setattr(Registry, "_status_upsert", lambda _self: None)
     registry.upsert_device_status(_status("a", 1, ts=2000))
     batch = [
         _status("a", 0, ts=1000),  # older than the stored one: ignored

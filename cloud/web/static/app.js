@@ -7,6 +7,9 @@
   const TOKEN_KEY = "edgefl.operatorToken";
   const PALETTE = ["#7c5cff", "#00a3a3", "#d6336c", "#8f6b00", "#0b7285", "#e8590c", "#5c7cfa", "#2f9e44"];
   const state = { overview: null, rounds: null, devices: [], models: null, events: [] };
+  /** The device list is one page of a filtered query: a fleet may hold 10,000 devices. */
+  const DEVICE_PAGE = 50;
+  const devicePage = { offset: 0, q: "", state: "", total: 0 };
   let refreshTimer = null;
 
   // --- small helpers ------------------------------------------------------------------
@@ -135,9 +138,30 @@
     return response.json();
   }
 
+  async function fetchDevices() {
+    const params = new URLSearchParams({ offset: String(devicePage.offset), limit: String(DEVICE_PAGE) });
+    if (devicePage.q) params.set("q", devicePage.q);
+    if (devicePage.state) params.set("state", devicePage.state);
+    const path = "/api/devices?" + params.toString();
+    const response = await fetch(path, { headers: { Accept: "application/json" }, cache: "no-store" });
+    if (!response.ok) throw new Error(path + " answered " + response.status);
+    devicePage.total = Number(response.headers.get("X-Total-Count") || "0");
+    return response.json();
+  }
+
+  async function refreshDevices() {
+    state.devices = await fetchDevices();
+    if (!state.devices.length && devicePage.offset > 0 && devicePage.total > 0) {
+      // The page emptied (devices filtered away): show the last page that has rows.
+      devicePage.offset = Math.floor((devicePage.total - 1) / DEVICE_PAGE) * DEVICE_PAGE;
+      state.devices = await fetchDevices();
+    }
+    renderDevices();
+  }
+
   async function refreshLists() {
     const [rounds, devices, models, events] = await Promise.all([
-      getJSON("/api/rounds"), getJSON("/api/devices"), getJSON("/api/models"), getJSON("/api/events?limit=50"),
+      getJSON("/api/rounds"), fetchDevices(), getJSON("/api/models"), getJSON("/api/events?limit=50"),
     ]);
     state.rounds = rounds; state.devices = devices; state.models = models; state.events = events;
     renderRounds(); renderDevices(); renderModels(); renderEvents();
@@ -353,7 +377,40 @@
       el("td", { text: metricsText(d.last_metrics) + (d.last_error ? " · error: " + d.last_error : "") }),
       el("td", { text: d.profile || "–" }),
       el("td", { className: "num", text: "CPU " + d.cpu_percent.toFixed(0) + "% · RSS " + bytes(d.rss_bytes) + " · disk free " + bytes(d.disk_free_bytes) })));
-    replaceRows(document.querySelector("#devices-table tbody"), rows, "No device has reported yet.", 8);
+    const filtered = Boolean(devicePage.q || devicePage.state);
+    replaceRows(document.querySelector("#devices-table tbody"), rows,
+      filtered ? "No device matches the filter." : "No device has reported yet.", 8);
+    const first = devicePage.total ? devicePage.offset + 1 : 0;
+    const last = devicePage.offset + state.devices.length;
+    $("devices-range").textContent = devicePage.total
+      ? first.toLocaleString("en-US") + "–" + last.toLocaleString("en-US") + " of " + devicePage.total.toLocaleString("en-US")
+      : (filtered ? "no match" : "no devices");
+    $("devices-prev").disabled = devicePage.offset === 0;
+    $("devices-next").disabled = last >= devicePage.total;
+  }
+
+  function wireDeviceFilter() {
+    let typing = null;
+    const apply = () => {
+      devicePage.offset = 0;
+      devicePage.q = $("device-search").value.trim();
+      devicePage.state = $("device-state").value;
+      refreshDevices().catch((err) => console.warn("device list failed", err));
+    };
+    $("device-filter").addEventListener("submit", (event) => { event.preventDefault(); apply(); });
+    $("device-search").addEventListener("input", () => {
+      clearTimeout(typing);
+      typing = setTimeout(apply, 250);
+    });
+    $("device-state").addEventListener("change", apply);
+    $("devices-prev").addEventListener("click", () => {
+      devicePage.offset = Math.max(0, devicePage.offset - DEVICE_PAGE);
+      refreshDevices().catch((err) => console.warn("device list failed", err));
+    });
+    $("devices-next").addEventListener("click", () => {
+      if (devicePage.offset + DEVICE_PAGE < devicePage.total) devicePage.offset += DEVICE_PAGE;
+      refreshDevices().catch((err) => console.warn("device list failed", err));
+    });
   }
 
   function renderModels() {
@@ -479,6 +536,7 @@
 
   document.addEventListener("DOMContentLoaded", () => {
     wireControls();
+    wireDeviceFilter();
     refreshAll().catch((err) => { console.warn(err); setConnection("Server unreachable", "down"); });
     connect();
     // Relative times ("12 s ago") age even when nothing changes.

@@ -1,0 +1,533 @@
+"""Telemetry at fleet scale: 10,000 devices' statuses into the real cloud (issue 18).
+
+What runs, all on this machine, through one real Mosquitto (:class:`cloud.broker.Broker`
+with the cloud's configuration):
+
+* **devices**: light simulated devices (:class:`LightDevice`), plain paho clients speaking
+  the agent's protocol: client id = device id, MQTT 5, a persistent session, the retained
+  OFFLINE Last Will, a subscription to the fleet's release manifest, and a retained QoS 1
+  :class:`~protos.codec.DeviceStatus` on their status topic every ``interval`` seconds
+  (the agent's default, 5 s), first reports spread over one interval. Many devices share
+  one worker process and one thread: paho's sockets are driven by a ``selectors`` loop.
+* **cloud** (one process, as ``edgefl cloud up`` runs it): the real
+  :class:`cloud.fleet_monitor.FleetMonitor` writing batches into the real
+  :class:`cloud.registry.Registry` (SQLite file, WAL) and the real web app under uvicorn.
+  It prints its counters every second: statuses written, monitor backlog, write batches.
+* **this process** asks ``/api/overview`` and ``/api/devices?limit=100`` while the load
+  runs, and samples the cloud process's RSS.
+
+Reported: statuses/s ingested next to the offered rate (the floor: what the devices
+send), whether the backlog grew, the registry's write latency per batch and per status,
+API latency p50/p99 under load next to ``/healthz`` (the web stack without the registry),
+cloud RSS. Run ``python -m benchmarks.bench_telemetry [--quick] [--devices N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import selectors
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import psutil
+
+from benchmarks.common import (
+    REPO_ROOT,
+    Report,
+    Result,
+    arg_parser,
+    child_env,
+    percentile,
+    write_report,
+)
+from edge.agent import DEFAULT_STATUS_INTERVAL_S
+from edge.process import ManagedProcess
+from protos import codec, topics
+
+logger = logging.getLogger(__name__)
+
+FLEET = "tele"
+READY = "READY"
+STATS = "STATS "
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How many devices, how often they report, how long the load is measured."""
+
+    devices: int
+    interval_s: float
+    workers: int
+    warmup_s: float
+    measure_s: float
+
+
+FULL = Sizes(
+    devices=10_000, interval_s=DEFAULT_STATUS_INTERVAL_S, workers=4, warmup_s=30, measure_s=90
+)
+QUICK = Sizes(devices=40, interval_s=1.0, workers=1, warmup_s=3, measure_s=6)
+
+
+# -- devices (worker processes) ----------------------------------------------------------
+
+
+class LightDevice:
+    """One simulated device: a paho client whose socket the worker's selector drives."""
+
+    def __init__(self, device_id: str, host: str, port: int) -> None:
+        self.device_id = device_id
+        self.topic = topics.device_status(FLEET, device_id)
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5
+        )
+        self.client.will_set(self.topic, self._status("OFFLINE"), qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.connected = False
+        self.host = host
+        self.port = port
+        self.sent = 0
+
+    def _on_connect(self, client: mqtt.Client, _u: object, _f: Any, rc: Any, _p: object) -> None:
+        self.connected = not rc.is_failure
+        if self.connected:
+            client.subscribe(topics.release_manifest(FLEET), qos=1)
+
+    def _status(self, state: str) -> bytes:
+        return codec.status_to_bytes(
+            codec.DeviceStatus(
+                device_id=self.device_id,
+                fleet=FLEET,
+                serving_version=1,
+                state=state,
+                timestamp_ms=int(time.time() * 1000),
+                sample_count=1797,
+                cpu_percent=random.uniform(2, 30),
+                rss_bytes=95 * 2**20,
+                disk_free_bytes=8 * 2**30,
+                memory_available_bytes=2 * 2**30,
+                profile="rpi4",
+                last_metrics={"accuracy": 0.95, "loss": 0.17},
+                edgefl_version="bench",
+            )
+        )
+
+    def connect(self) -> None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.connect(self.host, self.port, keepalive=60, clean_start=False, properties=props)
+
+    def report(self) -> None:
+        if self.connected:
+            self.client.publish(self.topic, self._status("SERVING"), qos=1, retain=True)
+            self.sent += 1
+
+
+def device_worker(args: argparse.Namespace) -> int:
+    """Run ``args.count`` light devices in one thread until SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    devices = [
+        LightDevice(f"{FLEET}-{i:05d}", args.host, args.port)
+        for i in range(args.first, args.first + args.count)
+    ]
+    sel = selectors.DefaultSelector()
+    by_fd: dict[int, LightDevice] = {}
+
+    def pump(timeout: float) -> None:
+        for key, _ in sel.select(timeout):
+            dev = by_fd[key.fd]
+            if dev.client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+                sel.unregister(key.fd)
+                dev.connected = False
+        for dev in devices:
+            if dev.client.want_write():
+                dev.client.loop_write()
+
+    for i, dev in enumerate(devices):
+        dev.connect()
+        sock = dev.client.socket()
+        by_fd[sock.fileno()] = dev
+        sel.register(sock, selectors.EVENT_READ)
+        if i % 50 == 49:
+            pump(0.0)
+            time.sleep(0.05)  # about 1,000 connections a second per worker
+    deadline = time.monotonic() + 60
+    while not all(d.connected for d in devices) and time.monotonic() < deadline:
+        pump(0.1)
+    missing = [d.device_id for d in devices if not d.connected]
+    if missing:
+        print(f"{len(missing)} devices not connected, e.g. {missing[:3]}", flush=True)
+        return 1
+    print(READY, flush=True)
+    start = time.monotonic()
+    due = [(start + random.uniform(0, args.interval), d) for d in devices]
+    due.sort(key=lambda t: t[0])
+    next_misc = start
+    next_print = start + 1.0
+    while not stop.is_set():
+        now = time.monotonic()
+        fired = 0
+        while due and due[0][0] <= now:
+            at, dev = due.pop(0)
+            dev.report()
+            due.append((at + args.interval, dev))
+            fired += 1
+        if fired:
+            due.sort(key=lambda t: t[0])
+        if now >= next_misc:
+            for dev in devices:
+                dev.client.loop_misc()
+            next_misc = now + 1.0
+        if now >= next_print:
+            print(f"{STATS}{json.dumps({'sent': sum(d.sent for d in devices)})}", flush=True)
+            next_print = now + 1.0
+        wait = min(0.05, max(0.0, (due[0][0] - time.monotonic()) if due else 0.05))
+        pump(wait)
+    for dev in devices:
+        dev.client.disconnect()
+        if dev.client.want_write():
+            dev.client.loop_write()
+    return 0
+
+
+# -- the cloud (one process) -------------------------------------------------------------
+
+
+def cloud_worker(args: argparse.Namespace) -> int:
+    """Monitor → registry batches, and the web app; counters on stdout every second."""
+    from cloud.fleet_monitor import FleetMonitor
+    from cloud.registry import Registry, sqlite_url
+    from cloud.web import WebServer, create_app
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    registry = Registry(sqlite_url(args.db))
+    lock = threading.Lock()
+    written = [0]
+    batches: list[tuple[int, float]] = []
+
+    def on_statuses(statuses: list[codec.DeviceStatus]) -> None:
+        t0 = time.perf_counter()
+        registry.upsert_device_statuses(statuses)
+        took = time.perf_counter() - t0
+        with lock:
+            written[0] += len(statuses)
+            batches.append((len(statuses), took))
+
+    monitor = FleetMonitor(
+        host=args.host,
+        port=args.port,
+        fleet=FLEET,
+        on_status_batch=on_statuses,
+        on_event_batch=registry.record_events,
+    ).start()
+    web = WebServer(create_app(registry, fleet=FLEET, operator_token=None))
+    print(f"URL {web.start()}", flush=True)
+    print(READY, flush=True)
+    while not stop.wait(1.0):
+        with lock:
+            line = {"written": written[0], "backlog": monitor.backlog, "batches": batches[:]}
+            batches.clear()
+        print(f"{STATS}{json.dumps(line)}", flush=True)
+    web.stop()
+    monitor.stop()
+    registry.close()
+    return 0
+
+
+# -- this process: orchestration and measurement -------------------------------------------
+
+
+def _stats(proc: ManagedProcess) -> list[dict[str, Any]]:
+    text = proc.log_path.read_text(errors="replace")
+    return [json.loads(line[len(STATS) :]) for line in text.splitlines() if line.startswith(STATS)]
+
+
+def _start(name: str, argv: list[str], logs: Path) -> ManagedProcess:
+    return ManagedProcess(
+        name,
+        [sys.executable, "-m", "benchmarks.bench_telemetry", *argv],
+        log_path=logs / f"{name}.log",
+        env=child_env(),
+        cwd=REPO_ROOT,
+    ).start()
+
+
+def _wait_ready(proc: ManagedProcess, timeout: float) -> None:
+    proc.wait_until(lambda: READY in proc.log_tail(50), timeout=timeout, what="ready")
+
+
+class Prober:
+    """Asks the web API in a loop and records each answer's latency (seconds)."""
+
+    PATHS = ("/api/overview", "/api/devices?limit=100", "/healthz")
+
+    def __init__(self, base_url: str) -> None:
+        import httpx
+
+        self._client = httpx.Client(base_url=base_url, timeout=30.0)
+        self.latencies: dict[str, list[float]] = {p: [] for p in self.PATHS}
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Prober:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for path in self.PATHS:
+                t0 = time.perf_counter()
+                try:
+                    ok = self._client.get(path).status_code == 200
+                except Exception:
+                    ok = False
+                if ok:
+                    self.latencies[path].append(time.perf_counter() - t0)
+                else:
+                    self.failures += 1
+            self._stop.wait(0.25)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self._client.close()
+
+
+def _slope(values: Sequence[float]) -> float:
+    """Least-squares slope of ``values`` against their index (units per sample)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean_x = (n - 1) / 2
+    mean_y = sum(values) / n
+    num = sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values))
+    den = sum((i - mean_x) ** 2 for i in range(n))
+    return num / den
+
+
+def run(quick: bool = False, out_dir: Path | None = None, sizes: Sizes | None = None) -> Report:
+    """Drive the load, measure, return the report (also written with ``out_dir``)."""
+    from cloud.broker import Broker
+
+    sizes = sizes or (QUICK if quick else FULL)
+    began = time.perf_counter()
+    report = Report(
+        name="telemetry",
+        title="Telemetry from a large fleet into the cloud (issue 18)",
+        quick=quick,
+        params={
+            "devices": sizes.devices,
+            "status_interval_s": sizes.interval_s,
+            "device_workers": sizes.workers,
+            "warmup_s": sizes.warmup_s,
+            "measured_s": sizes.measure_s,
+        },
+    )
+    with tempfile.TemporaryDirectory(prefix="edgefl-bench-telemetry-") as tmp_name:
+        tmp = Path(tmp_name)
+        broker = Broker.on_free_port(tmp / "broker").start()
+        procs: list[ManagedProcess] = []
+        try:
+            common = ["--host", broker.host, "--port", str(broker.port)]
+            cloud = _start("cloud", ["--worker", "cloud", *common, "--db", str(tmp / "reg.db")], tmp)
+            procs.append(cloud)
+            _wait_ready(cloud, 60)
+            url = next(
+                line.split(" ", 1)[1]
+                for line in cloud.log_path.read_text().splitlines()
+                if line.startswith("URL ")
+            )
+            per = -(-sizes.devices // sizes.workers)
+            workers = []
+            for w, first in enumerate(range(0, sizes.devices, per)):
+                workers.append(
+                    _start(
+                        f"devices-{w}",
+                        [
+                            "--worker",
+                            "devices",
+                            *common,
+                            "--first",
+                            str(first),
+                            "--count",
+                            str(min(per, sizes.devices - first)),
+                            "--interval",
+                            str(sizes.interval_s),
+                        ],
+                        tmp,
+                    )
+                )
+            procs.extend(workers)
+            for proc in workers:
+                _wait_ready(proc, 180)
+            time.sleep(sizes.warmup_s)
+            cloud_ps = psutil.Process(cloud.pid)
+            skip = len(_stats(cloud))
+            sent0 = sum(_stats(w)[-1]["sent"] if _stats(w) else 0 for w in workers)
+            cpu0 = cloud_ps.cpu_times()
+            broker_ps = psutil.Process(broker.process.pid)  # type: ignore[union-attr]
+            bcpu0 = broker_ps.cpu_times()
+            prober = Prober(url).start()
+            rss: list[float] = []
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < sizes.measure_s:
+                rss.append(cloud_ps.memory_info().rss / 2**20)
+                time.sleep(1.0)
+            elapsed = time.perf_counter() - t0
+            prober.stop()
+            cpu1 = cloud_ps.cpu_times()
+            bcpu1 = broker_ps.cpu_times()
+            sent1 = sum(_stats(w)[-1]["sent"] for w in workers)
+            window = _stats(cloud)[skip:]
+        finally:
+            for proc in reversed(procs):
+                proc.stop()
+            broker.stop()
+    if len(window) < 2:
+        raise RuntimeError("the cloud printed too few counters during the measurement")
+    written = window[-1]["written"] - window[0]["written"]
+    seconds = len(window) - 1
+    ingested = written / seconds
+    offered = sizes.devices / sizes.interval_s
+    sent_rate = (sent1 - sent0) / elapsed
+    backlog = [float(s["backlog"]) for s in window]
+    growth = _slope(backlog)
+    batch_s = [took for s in window for _, took in s["batches"]]
+    batch_n = [n for s in window for n, _ in s["batches"]]
+    per_status_ms = 1000 * sum(batch_s) / max(1, sum(batch_n))
+    cloud_cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / elapsed
+    broker_cpu = (bcpu1.user + bcpu1.system - bcpu0.user - bcpu0.system) / elapsed
+    no_growth = growth < 0.01 * offered and max(backlog[-5:]) < offered * sizes.interval_s
+    lat = prober.latencies
+    n = sizes.devices
+    ms = 1000.0
+    report.results.extend(
+        [
+            Result(
+                f"statuses/s ingested ({n} devices every {sizes.interval_s:g} s)",
+                ingested,
+                offered,
+                "statuses/s",
+                "devices / interval",
+                target=f"{n} devices at the default interval, no growing backlog",
+                met=no_growth and ingested >= 0.95 * offered,
+                note=f"backlog slope {growth:+.1f} msg/s, max {max(backlog):.0f}, "
+                f"last {backlog[-1]:.0f}; devices counted {sent_rate:.0f} sent/s",
+            ),
+            Result(
+                "registry write per batch, p50",
+                ms * percentile(batch_s, 50),
+                None,
+                "ms",
+                note=f"mean batch {statistics.mean(batch_n):.0f} statuses; "
+                f"{per_status_ms:.3f} ms per status",
+            ),
+            Result("registry write per batch, p99", ms * percentile(batch_s, 99), None, "ms"),
+        ]
+    )
+    for path in ("/api/overview", "/api/devices?limit=100"):
+        for q in (50, 99):
+            report.results.append(
+                Result(
+                    f"GET {path} p{q} under load",
+                    ms * percentile(lat[path], q),
+                    ms * percentile(lat["/healthz"], q),
+                    "ms",
+                    f"GET /healthz p{q}, same moment",
+                    note=f"{len(lat[path])} requests",
+                )
+            )
+    report.results.extend(
+        [
+            Result("cloud RSS, max under load", max(rss), None, "MB", note=f"{n} devices known"),
+            Result(
+                "cloud CPU under load",
+                cloud_cpu,
+                None,
+                "cores",
+                note="monitor + registry + web app process",
+            ),
+            Result("broker CPU under load", broker_cpu, None, "cores"),
+        ]
+    )
+    report.notes.extend(
+        [
+            "Devices are light simulated devices (plain paho clients speaking the agent's "
+            "status protocol: client id, MQTT 5 persistent session, retained OFFLINE Last "
+            "Will, manifest subscription, a retained QoS 1 DeviceStatus every interval) in "
+            f"{sizes.workers} worker process(es), one thread each.",
+            "The cloud process runs the real FleetMonitor (acknowledges at once, decodes on "
+            "its worker thread), the real Registry on SQLite (one transaction per batch of "
+            "statuses) and the real web app under uvicorn.",
+            "Backlog = messages the monitor received but has not handled yet, sampled every "
+            "second; 'no growing backlog' = slope below 1% of the offered rate and the last "
+            "five samples below one interval's worth of statuses.",
+            f"API failures during the load: {prober.failures}.",
+            "Broker, cloud, devices and this prober share the machine's cores.",
+        ]
+    )
+    report.details = {
+        "backlog": backlog,
+        "batches_s": batch_s,
+        "batch_sizes": batch_n,
+        "rss_mb": rss,
+        "latency_s": lat,
+    }
+    report.duration_s = time.perf_counter() - began
+    if out_dir is not None:
+        write_report(report, out_dir)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.bench_telemetry [--quick] [--devices N] [--out DIR]``."""
+    parser = arg_parser(__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, help="simulated devices")
+    parser.add_argument("--interval", type=float, help="seconds between a device's statuses")
+    parser.add_argument("--workers", type=int, help="device worker processes")
+    parser.add_argument("--measure", type=float, help="seconds of measured load")
+    parser.add_argument("--worker", choices=("devices", "cloud"), help=argparse.SUPPRESS)
+    parser.add_argument("--host", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--db", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.worker == "devices":
+        return device_worker(args)
+    if args.worker == "cloud":
+        return cloud_worker(args)
+    base = QUICK if args.quick else FULL
+    sizes = Sizes(
+        devices=args.devices or base.devices,
+        interval_s=args.interval or base.interval_s,
+        workers=args.workers or base.workers,
+        warmup_s=base.warmup_s,
+        measure_s=args.measure or base.measure_s,
+    )
+    print(run(args.quick, args.out, sizes).markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
