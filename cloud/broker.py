@@ -22,6 +22,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cloud.bridge import BridgeConfig
 from edge.process import ManagedProcess, ProcessError, free_port
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,8 @@ class BrokerConfig:
     max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES
     #: Seconds between updates of the ``$SYS/broker/...`` statistics topics (Mosquitto's default).
     sys_interval: int = 10
+    #: Bridges to the cloud broker (a regional broker's; see :mod:`cloud.bridge`).
+    bridges: tuple[BridgeConfig, ...] = ()
 
     @property
     def tls(self) -> bool:
@@ -155,8 +158,10 @@ class BrokerConfig:
             "log_type information",
             "connection_messages true",
             "log_timestamp true",
-            "",
         ]
+        for bridge in self.bridges:
+            lines += ["", *bridge.render_lines()]
+        lines.append("")
         return "\n".join(lines)
 
 
@@ -186,7 +191,7 @@ class Broker:
 
     def start(self, *, timeout: float = 15.0) -> Broker:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
-        self.conf_path.write_text(self.config.render())
+        _write_private(self.conf_path, self.config.render())  # may hold a bridge password
         self.process = ManagedProcess(
             "mosquitto",
             [mosquitto_binary(), "-c", str(self.conf_path)],
