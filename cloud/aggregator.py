@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -96,6 +96,43 @@ class RoundOutcome:
     weights: dict[str, np.ndarray] | None = None
 
 
+def newest_nodes(
+    node_ids: Iterable[int], names: dict[int, str], named_at: dict[int, int], silent: set[int]
+) -> list[int]:
+    """The nodes worth sampling: each device's newest node, none that did not answer.
+
+    A device that restarted comes back as a new SuperNode while the SuperLink still lists
+    its old one as online for up to two missed heartbeats; sampling the old one makes the
+    round wait for its timeout. So of several nodes naming the same device (``names``)
+    only the one that named itself last (highest ``named_at``) is kept, and a node in
+    ``silent`` (it did not say who it is this round) sits the round out.
+    """
+    newest: dict[str, int] = {}
+    for node in node_ids:
+        if node in silent:
+            continue
+        name = names.get(node, f"node-{node}")
+        other = newest.get(name)
+        if other is None or named_at.get(node, 0) > named_at.get(other, 0):
+            newest[name] = node
+    return sorted(newest.values())
+
+
+class _OnlyNodes:
+    """A Grid whose ``get_node_ids`` lists only the given nodes (what the strategy samples
+    from); everything else goes to the real grid."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid = grid
+        self._node_ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
 class Aggregator:
     """Runs (or resumes) one federated run for ``settings`` on a Flower ``grid``."""
 
@@ -116,6 +153,8 @@ class Aggregator:
         self.strategy = make_strategy(settings)
         self.evaluate = Evaluator(settings)
         self.names: dict[int, str] = {}
+        #: When each node last said which device it is (a counter: higher is newer).
+        self._named_at: dict[int, int] = {}
 
     # -- run set-up --------------------------------------------------------------------------
 
@@ -182,10 +221,11 @@ class Aggregator:
             nodes = list(grid.get_node_ids())
         return nodes
 
-    def _identify(self, grid: Grid, node_ids: Iterable[int]) -> None:
+    def _identify(self, grid: Grid, node_ids: Iterable[int]) -> set[int]:
+        """Ask unnamed nodes which device they are; returns the nodes that did not answer."""
         unknown = [n for n in node_ids if n not in self.names]
         if not unknown:
-            return
+            return set()
         messages = [
             Message(
                 content=RecordDict({"config": ConfigRecord({})}),
@@ -196,13 +236,26 @@ class Aggregator:
         ]
         for reply in grid.send_and_receive(messages, timeout=IDENTIFY_TIMEOUT_S):
             self._learn_name(reply)
+        return {n for n in unknown if n not in self.names}
 
     def _learn_name(self, reply: Message) -> str:
         node = reply.metadata.src_node_id
         if not reply.has_error() and "device" in reply.content:
             name = str(reply.content["device"].get("device-id", "")) or f"node-{node}"
             self.names[node] = name
+            self._named_at[node] = len(self._named_at) + 1
         return self.name(node)
+
+    def current_nodes(self, node_ids: Iterable[int], silent: set[int]) -> list[int]:
+        keep = newest_nodes(node_ids, self.names, self._named_at, silent)
+        skipped = sorted(set(node_ids) - set(keep))
+        if skipped:
+            logger.info(
+                "not sampling %d stale or silent node(s): %s",
+                len(skipped),
+                ", ".join(f"{n} ({self.name(n)})" for n in skipped),
+            )
+        return keep
 
     def name(self, node_id: int) -> str:
         return self.names.get(node_id, f"node-{node_id}")
@@ -239,10 +292,11 @@ class Aggregator:
                 run_id, rnd, aggregated_metrics={}, version=None, dropped=[]
             )
             return RoundOutcome(rnd, None, [], [], {})
-        self._identify(grid, nodes)
+        silent = self._identify(grid, nodes)
+        current = self.current_nodes(nodes, silent) or nodes
         # Sample only among connected devices, never waiting for more than are there.
-        self.strategy.min_train_nodes = min(run.min_nodes, len(nodes))  # type: ignore[attr-defined]
-        self.strategy.min_available_nodes = min(run.min_nodes, len(nodes))  # type: ignore[attr-defined]
+        self.strategy.min_train_nodes = min(run.min_nodes, len(current))  # type: ignore[attr-defined]
+        self.strategy.min_available_nodes = min(run.min_nodes, len(current))  # type: ignore[attr-defined]
         config = ConfigRecord(
             {
                 "local-epochs": run.local_epochs,
@@ -250,11 +304,18 @@ class Aggregator:
                 "seed": run.seed + rnd,
             }
         )
-        messages = list(self.strategy.configure_train(rnd, arrays_to_record(weights), config, grid))
+        sample_from = cast(Grid, _OnlyNodes(grid, current))
+        messages = list(
+            self.strategy.configure_train(rnd, arrays_to_record(weights), config, sample_from)
+        )
         sampled = {m.metadata.dst_node_id for m in messages}
         self.registry.round_started(run_id, rnd, sampled=[self.name(n) for n in sampled])
         logger.info(
-            "round %d/%d: %d of %d devices sampled", rnd, self.num_rounds, len(sampled), len(nodes)
+            "round %d/%d: %d of %d devices sampled",
+            rnd,
+            self.num_rounds,
+            len(sampled),
+            len(current),
         )
 
         replies = list(grid.send_and_receive(messages, timeout=run.round_timeout_s))

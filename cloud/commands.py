@@ -48,8 +48,23 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def progress_line(registry: Any, num_rounds: int) -> str:
+def own_run(registry: Any, before: Any) -> Any:
+    """The registry run that a run submitted after ``before`` (the latest run then) drives.
+
+    That is a newer run, or ``before`` itself when it was still running (the aggregator
+    resumes it). None until the aggregator has registered it: an older run's rounds are
+    never reported as this one's.
+    """
     run = registry.latest_run()
+    if run is None or before is None:
+        return run
+    if run.id > before.id or (run.id == before.id and before.status == "running"):
+        return run
+    return None
+
+
+def progress_line(registry: Any, num_rounds: int, *, before: Any = None) -> str:
+    run = own_run(registry, before)
     if run is None:
         return "waiting for the run to start"
     rounds = registry.list_rounds(run.id)
@@ -125,13 +140,14 @@ def serve(stack: Any, args: argparse.Namespace) -> int:
         if args.no_run:
             print("edgefl cloud up: no run submitted (--no-run); press Ctrl-C to stop", flush=True)
             return _idle(stack)
+        before = stack.registry.latest_run()
         run_id = stack.submit_run()
         print(f"edgefl cloud up: Flower run {run_id} submitted", flush=True)
         last = ""
 
         def show() -> None:
             nonlocal last
-            line = progress_line(stack.registry, settings.run.num_rounds)
+            line = progress_line(stack.registry, settings.run.num_rounds, before=before)
             if line != last:
                 print(f"  {line}", flush=True)
                 last = line

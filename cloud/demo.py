@@ -87,25 +87,10 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         fleet.start()
         _print(f"==> running {args.rounds} federated rounds")
+        before = stack.registry.latest_run()
         stack.submit_run()
-        shown: set[int] = set()
-
-        def show() -> None:
-            run = stack.registry.latest_run()
-            if run is None:
-                return
-            for r in stack.registry.list_rounds(run.id):
-                if r.finished and r.round not in shown:
-                    shown.add(r.round)
-                    acc = r.eval_metrics.get("eval-accuracy") if r.eval_metrics else None
-                    acc_text = "-" if acc is None else f"{acc:.3f}"
-                    who = (
-                        f"{len(r.replied)}/{len(r.sampled)} devices" if r.round else "initial model"
-                    )
-                    dropped = f", dropped {', '.join(r.dropped)}" if r.dropped else ""
-                    _print(
-                        f"    round {r.round:>2}/{args.rounds}: accuracy {acc_text}  ({who}{dropped}, version {r.version})"
-                    )
+        printer = RoundPrinter(stack.registry, before, args.rounds)
+        show = printer.show
 
         status = stack.wait_for_run(on_progress=show, timeout=args.timeout)
         show()
@@ -113,14 +98,14 @@ def run_demo(args: argparse.Namespace) -> int:
         wait_for_spread(stack.registry, timeout=SPREAD_WAIT_S)
         latest = stack.registry.latest_version()
         _print(f"==> run {status} in {time.monotonic() - started:.0f}s")
-        _print(f"    {progress_line(stack.registry, args.rounds)}")
+        _print(f"    {progress_line(stack.registry, args.rounds, before=before)}")
         if latest is not None:
             spread = stack.registry.spread(latest.version)
             _print(
                 f"    version {latest.version} is served by {spread['serving']} of {spread['online']} online devices"
             )
         _print(f"    web UI: {stack.web.url}")
-        summary = _summary(stack, args, time.monotonic() - started, status)
+        summary = _summary(stack, args, time.monotonic() - started, status, before)
         (work / "demo-summary.json").write_text(json.dumps(summary, indent=2))
         if args.exit_when_done:
             return 0 if status == "finished:completed" else 1
@@ -139,8 +124,47 @@ def run_demo(args: argparse.Namespace) -> int:
         stack.stop()
 
 
-def _summary(stack: Any, args: argparse.Namespace, seconds: float, status: str) -> dict[str, Any]:
-    run = stack.registry.latest_run()
+class RoundPrinter:
+    """Prints each finished round of this demo's run once (never an earlier run's)."""
+
+    def __init__(self, registry: Any, before: Any, num_rounds: int) -> None:
+        self.registry = registry
+        self.before = before
+        self.num_rounds = num_rounds
+        self.shown: set[tuple[int, int]] = set()
+
+    def lines(self) -> list[str]:
+        from cloud.commands import own_run
+
+        run = own_run(self.registry, self.before)
+        if run is None:
+            return []
+        out = []
+        for r in self.registry.list_rounds(run.id):
+            if not r.finished or (run.id, r.round) in self.shown:
+                continue
+            self.shown.add((run.id, r.round))
+            acc = r.eval_metrics.get("eval-accuracy") if r.eval_metrics else None
+            acc_text = "-" if acc is None else f"{acc:.3f}"
+            who = f"{len(r.replied)}/{len(r.sampled)} devices" if r.round else "initial model"
+            dropped = f", dropped {', '.join(r.dropped)}" if r.dropped else ""
+            out.append(
+                f"    round {r.round:>2}/{self.num_rounds}: accuracy {acc_text}  "
+                f"({who}{dropped}, version {r.version})"
+            )
+        return out
+
+    def show(self) -> None:
+        for line in self.lines():
+            _print(line)
+
+
+def _summary(
+    stack: Any, args: argparse.Namespace, seconds: float, status: str, before: Any = None
+) -> dict[str, Any]:
+    from cloud.commands import own_run
+
+    run = own_run(stack.registry, before)
     rounds = [] if run is None else stack.registry.list_rounds(run.id)
     return {
         "devices": args.devices,

@@ -8,14 +8,16 @@ federated run to the SuperLink, and stops everything again, children by PID.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import secrets
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -576,8 +578,10 @@ def init_cloud(
             from cloud.authoring.build import build_model
 
             input_shape = (8, 8, 1) if arch == "cnn" else (64,)
-            build_model(arch, input_shape, 10, out=settings.model.dir)  # type: ignore[arg-type]
-    write_initial_package(settings)
+            with native_stderr_to(data / "logs" / "model-build.log"):
+                build_model(arch, input_shape, 10, out=settings.model.dir)  # type: ignore[arg-type]
+    with native_stderr_to(data / "logs" / "model-build.log"):
+        write_initial_package(settings)
 
     if secure:
         apply_secure_fleet(
@@ -590,6 +594,28 @@ def init_cloud(
     directory.mkdir(parents=True, exist_ok=True)
     conf.write_text(cloud_config.to_toml(settings))
     return conf
+
+
+@contextlib.contextmanager
+def native_stderr_to(path: Path) -> Iterator[None]:
+    """Send what native code (TensorFlow Lite's converter, XNNPACK) writes to stderr into
+    ``path`` meanwhile, unless the command runs with -v (logging at INFO or finer)."""
+    if logging.getLogger().getEffectiveLevel() <= logging.INFO:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 def apply_secure_fleet(

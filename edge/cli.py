@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -68,6 +69,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def configure_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    if verbosity == 0:
+        # TensorFlow's and absl's start-up lines (CPU features, SavedModel loading, ...) are
+        # noise to an operator; -v shows them. Set before anything imports TensorFlow, and
+        # inherited by the children we start.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+        logging.getLogger("absl").setLevel(logging.ERROR)
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
