@@ -273,3 +273,22 @@ def test_inline_commands_name_real_commands_and_options() -> None:
             build_parser().parse_args([*command, "--help"])
         assert exc.value.code == 0, command
         assert out.getvalue().startswith(f"usage: edgefl {' '.join(command)}")
+
+
+def test_readme_says_how_to_get_edgefl_on_path() -> None:
+    """The "Using it" commands need ``edgefl`` on PATH: the README says how (#17.6)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Using it", 1)[1].split("\n## ", 1)[0]
+    assert "source .venv/bin/activate" in section and ".venv/bin/edgefl" in section
+    assert (ROOT / ".venv").name in (ROOT / "scripts" / "demo.sh").read_text()
+
+
+def test_troubleshooting_describes_the_current_cloud_errors() -> None:
+    """Stale claims (#17.9): settings errors end without a traceback, a busy port is
+    reported by `cloud up` itself."""
+    text = (ROOT / "docs" / "troubleshooting.md").read_text(encoding="utf-8")
+    assert "ends with a traceback" not in text
+    assert "may not notice" not in text
+    from cloud.commands import EXIT_INTERRUPTED
+
+    assert f"exit code is {EXIT_INTERRUPTED}" in text
