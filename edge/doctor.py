@@ -4,6 +4,11 @@ Each check imports or runs one component and reports ``ok``, ``missing`` or
 ``warning`` with the version found and a one-line fix. The exit code is 1 when a part
 required for the chosen role is missing (``--role edge`` needs the device parts,
 ``--role cloud`` adds Flower's SuperLink side, TensorFlow and the web stack).
+
+The shadowing check fails when another installed distribution provides one of our
+import packages (``edge``, ``cloud``, ``protos``, ``devices``: public indexes hold
+unrelated projects of those names, and one of the old name ``edgefl``). It reads every
+distribution's ``top_level.txt``, or its ``RECORD`` when there is none.
 """
 
 from __future__ import annotations
@@ -13,10 +18,15 @@ import importlib
 import importlib.util
 import os
 import platform
+import re
 import shutil
 import sys
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
+
+#: The top-level import packages this distribution installs.
+IMPORT_PACKAGES = ("edge", "cloud", "protos", "devices")
 
 #: Free disk below which the data directory gets a warning (models, data, logs).
 MIN_FREE_DISK_BYTES = 512 * 1024 * 1024
@@ -122,6 +132,75 @@ def check_flower_cli() -> Check:
     return Check("flower CLIs", "ok", str(bindir))
 
 
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _top_level_names(dist: metadata.Distribution) -> set[str]:
+    """Top-level import names ``dist`` installs: its top_level.txt, else its RECORD."""
+    text = dist.read_text("top_level.txt")
+    if text is not None:
+        return {line.strip() for line in text.splitlines() if line.strip()}
+    names = set()
+    for file in dist.files or ():
+        parts = file.parts
+        if not parts or parts[0] in ("..", "__pycache__") or parts[0].endswith(
+            (".dist-info", ".egg-info", ".data")
+        ):
+            continue
+        first = parts[0]
+        if len(parts) == 1:
+            if not first.endswith(".py"):
+                continue  # a .pth file, a script, a shared library of no package
+            first = first[: -len(".py")]
+        names.add(first)
+    return names
+
+
+def shadowing_distributions() -> list[tuple[str, str, str, list[str]]]:
+    """Other distributions that provide one of :data:`IMPORT_PACKAGES`.
+
+    Each item is ``(name, version, location, packages)``; our own distribution
+    (:data:`edge.DIST_NAME`) is never listed.
+    """
+    from edge import DIST_NAME
+
+    ours = _normalise(DIST_NAME)
+    found = []
+    seen: set[tuple[str, str]] = set()
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"] or ""
+        if _normalise(name) == ours:
+            continue
+        location = str(dist.locate_file(""))
+        if (name, location) in seen:
+            continue
+        seen.add((name, location))
+        clash = sorted(_top_level_names(dist) & set(IMPORT_PACKAGES))
+        if clash:
+            found.append((name, dist.version, location, clash))
+    return sorted(found)
+
+
+def check_shadowing() -> Check:
+    """Fail when another installed distribution provides ``edge``, ``cloud``, ... ."""
+    others = shadowing_distributions()
+    if not others:
+        return Check("import packages", "ok", f"only edgefl-fleet provides {', '.join(IMPORT_PACKAGES)}")
+    detail = "; ".join(
+        f"{name} {version} ({location}) provides {', '.join(pkgs)}"
+        for name, version, location, pkgs in others
+    )
+    names = " ".join(sorted({name for name, *_ in others}))
+    return Check(
+        "import packages",
+        "missing",
+        f"shadowed: {detail}",
+        f"pip uninstall {names} (unrelated projects of those names), then reinstall "
+        "'edgefl-fleet[edge]'",
+    )
+
+
 def check_disk(path: Path) -> Check:
     probe = path
     while not probe.exists() and probe != probe.parent:
@@ -143,6 +222,7 @@ def run_checks(role: str, data_dir: Path) -> list[Check]:
     cloud = role == "cloud"
     checks = [
         check_python(),
+        check_shadowing(),
         _module_check("numpy", "numpy", "pip install numpy", required=True),
         _module_check("protobuf", "google.protobuf", "pip install protobuf", required=True),
         _module_check("grpcio", "grpc", "pip install 'edgefl-fleet[edge]'", required=True),
@@ -213,6 +293,8 @@ def doctor(args: argparse.Namespace) -> int:
     failed = [c for c in checks if c.required and c.status == "missing"]
     if failed:
         print(f"\n{len(failed)} required part(s) missing: {', '.join(c.component for c in failed)}")
+        for c in failed:  # the table cuts long details; say them whole
+            print(f"  {c.component}: {c.detail}")
         return 1
     print("\nall required parts are usable")
     return 0
