@@ -54,6 +54,26 @@ def register(subparsers: Any) -> None:
         metavar="FILE",
         help="model package the device starts with (default: <data_dir>/initial.pkg if present)",
     )
+    p.add_argument(
+        "--wheel",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the edgefl-fleet wheel the device installs (default: built from this edgefl's "
+        "source tree)",
+    )
+    p.add_argument(
+        "--wheelhouse",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="download every dependency for the profile's architecture and Python into DIR "
+        "and put them in the bundle (offline install, for air-gapped sites)",
+    )
+    p.add_argument("--grpc-port", type=int, default=None, help="override the profile's gRPC port")
+    p.add_argument(
+        "--supernode-port", type=int, default=None, help="override the profile's SuperNode port"
+    )
     p.set_defaults(func=_flash)
 
     p = sub.add_parser(
@@ -204,6 +224,10 @@ def _flash(args: argparse.Namespace) -> int:
             reload=reload,
             register_supernode=register_fn,
             unregister_supernode=unregister_fn,
+            wheel=args.wheel,
+            wheelhouse=args.wheelhouse,
+            grpc_port=args.grpc_port,
+            supernode_port=args.supernode_port,
         )
     except (FleetError, ProfileError, TopicError, FlowerError, OSError) as exc:
         print(f"edgefl devices flash: {exc}", file=sys.stderr)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Shared set-up for scripts/test.sh and scripts/demo.sh: system packages (Mosquitto,
-# and Chromium when asked) and a virtualenv in .venv with edgefl and the pinned
+# and Chromium and the device boot-test tools when asked) and a virtualenv in .venv with edgefl and the pinned
 # versions of its dependencies. Safe to run again: it only does what is missing.
 set -euo pipefail
 
@@ -37,6 +37,15 @@ if [ "${EDGEFL_WITH_POSTGRES:-0}" = "1" ] && ! compgen -G "/usr/lib/postgresql/*
 fi
 if [ "${EDGEFL_WITH_BROWSER:-0}" = "1" ] && [ ! -x /usr/bin/chromium ]; then
   need_pkgs+=(chromium)
+fi
+# The device boot tests (tests/e2e/test_boot_device.py, arm64 under qemu-user) build
+# Debian root filesystems and boot them; scripts/test.sh asks for these.
+if [ "${EDGEFL_WITH_DEVICES:-0}" = "1" ]; then
+  command -v debootstrap >/dev/null || need_pkgs+=(debootstrap)
+  command -v systemd-nspawn >/dev/null || need_pkgs+=(systemd-container)
+  command -v qemu-aarch64-static >/dev/null || need_pkgs+=(qemu-user-static)
+  command -v cloud-init >/dev/null || need_pkgs+=(cloud-init)
+  command -v cloud-localds >/dev/null || need_pkgs+=(cloud-image-utils)
 fi
 if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then
   need_pkgs+=(python3-venv)

@@ -6,7 +6,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-EDGEFL_WITH_BROWSER=1 EDGEFL_WITH_POSTGRES=1 bash scripts/bootstrap.sh
+EDGEFL_WITH_BROWSER=1 EDGEFL_WITH_POSTGRES=1 EDGEFL_WITH_DEVICES=1 bash scripts/bootstrap.sh
 PY="$ROOT/.venv/bin/python"
 
 printf '\033[1m==> ruff\033[0m\n'

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from devices.flash import SERVICE_NAME, VENV_DIR, FlashError, flash
+from devices.flash import PROVISION_SERVICE, SERVICE_NAME, VENV_DIR, FlashError, flash
 from devices.secure_fleet import SecureFleet, init_secure, read_registry
+from devices.software import SoftwareError, build_wheel
 from edge.config import load_settings
 
 FLEET = "farm"
@@ -59,7 +60,10 @@ def test_tarball_is_complete_and_secrets_are_0600(fleet: SecureFleet, tmp_path: 
         "trust/signing.pub",
         "model/initial.pkg",
         f"systemd/{SERVICE_NAME}",
+        f"systemd/{PROVISION_SERVICE}",
         "cloud-init/user-data",
+        f"software/{build_wheel().path.name}",
+        "software/constraints.txt",
     }
     assert {n.removeprefix("edgefl/") for n in read} == expected
     assert set(result.files) == expected
@@ -117,7 +121,7 @@ def test_cloud_init_and_systemd_unit_are_valid(fleet: SecureFleet, tmp_path: Pat
     assert "python3.11-venv" in doc["packages"]
     assert doc["apt"]["sources"]["edgefl-0"]["source"] == "ppa:deadsnakes/ppa"
     assert {"name": "edgefl"}.items() <= doc["users"][1].items()
-    assert doc["runcmd"] == [["sh", "/boot/edgefl/provision.sh"]]
+    assert doc["runcmd"] == [["sh", "/boot/edgefl/provision.sh", "start"]]
     # No user-data on the partition yet: the flash put ours (and meta-data) at its root.
     assert (boot / "user-data").read_text() == text
     assert (boot / "meta-data").read_text() == "instance-id: edgefl-jet-1\n"
@@ -148,13 +152,74 @@ def test_cloud_init_and_systemd_unit_are_valid(fleet: SecureFleet, tmp_path: Pat
             [analyze, "verify", "--man=no", str(copy)], capture_output=True, text=True, timeout=60
         )
         assert res.returncode == 0, res.stdout + res.stderr
+        provision_copy = tmp_path / PROVISION_SERVICE
+        provision_copy.write_text((bundle / "systemd" / PROVISION_SERVICE).read_text())
+        res = subprocess.run(
+            [analyze, "verify", "--man=no", str(provision_copy)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+
+    provision = configparser.ConfigParser(strict=False, interpolation=None)
+    provision.optionxform = str  # type: ignore[assignment,method-assign]
+    provision.read_string((bundle / "systemd" / PROVISION_SERVICE).read_text())
+    assert provision["Service"]["Type"] == "oneshot"
+    assert provision["Service"]["ExecStart"] == "/bin/sh /etc/edgefl/provision.sh run"
+    assert provision["Service"]["Restart"] == "on-failure"
+    assert provision["Unit"]["StartLimitIntervalSec"] == "0"  # retried forever
+    assert provision["Install"]["WantedBy"] == "multi-user.target"  # at every boot
 
     script = (bundle / "provision.sh").read_text()
-    assert "python3.11 -m venv" in script and "systemctl enable --now edgefl-edge.service" in script
+    wheel = build_wheel()
+    assert "python3.11 -m venv" in script
+    assert f"WHEEL_SHA256={wheel.sha256}" in script
+    assert f"VERSION={wheel.version}" in script
+    assert (bundle / "software" / wheel.path.name).read_bytes() == wheel.path.read_bytes()
+    assert "--find-links" not in script and "--no-index" not in script
     res = subprocess.run(
         ["sh", "-n", str(bundle / "provision.sh")], capture_output=True, timeout=30
     )
     assert res.returncode == 0, res.stderr
+
+
+def test_bundle_pins_dependencies_and_refuses_a_foreign_wheel(
+    fleet: SecureFleet, tmp_path: Path
+) -> None:
+    from tests.edge.test_doctor_shadowing import build_wheel as build_decoy
+
+    out = tmp_path / "gw.tar.gz"
+    flash(
+        cloud_dir=fleet.data_dir,
+        profile="x86-64-gateway",
+        name="gw-1",
+        cloud_host="cloud.lan",
+        out=out,
+        grpc_port=50999,
+    )
+    with tarfile.open(out) as tar:
+        pins = tar.extractfile("edgefl/software/constraints.txt").read().decode()  # type: ignore[union-attr]
+        identity = tar.extractfile("edgefl/identity.json").read().decode()  # type: ignore[union-attr]
+        config = tomllib.loads(tar.extractfile("edgefl/edge.toml").read().decode())  # type: ignore[union-attr]
+    assert "ai-edge-litert==2.3.0" in pins.splitlines()
+    assert "flwr==1.42.0" in pins.splitlines()
+    assert build_wheel().sha256 in identity
+    assert config["grpc"]["port"] == 50999
+
+    decoys = tmp_path / "decoys"
+    decoys.mkdir()
+    decoy = build_decoy(decoys, "edgefl", "0.1.0", {"edge/__init__.py": ""}, top_level=True)
+    with pytest.raises(SoftwareError, match=r"a wheel of .edgefl., not of .edgefl-fleet."):
+        flash(
+            cloud_dir=fleet.data_dir,
+            profile="rpi4",
+            name="pi-x",
+            cloud_host="cloud.lan",
+            out=tmp_path / "x.tar.gz",
+            wheel=decoy,
+        )
+    assert "pi-x" not in read_registry(fleet)
 
 
 def test_boot_bundle_modes_and_foreign_user_data_left_alone(
