@@ -44,12 +44,15 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from devices import pki, software
 from devices.profiles import Profile, load_profile
@@ -87,6 +90,8 @@ PROVISION_RETRY_S = 60
 INITIAL_PACKAGE_NAME = "initial.pkg"
 #: First lines of files edgefl writes to a boot partition (to recognise its own).
 USER_DATA_MARKER = "# edgefl-managed"
+#: Suffix of the copy of an image's own ``user-data`` that a merge keeps.
+ORIGINAL_SUFFIX = ".edgefl-orig"
 
 
 class FlashError(FleetError):
@@ -456,6 +461,77 @@ def render_user_data(profile: Profile, *, name: str) -> str:
     return "\n".join(doc_lines)
 
 
+def render_meta_data(name: str) -> str:
+    """NoCloud ``meta-data``: the instance id that makes cloud-init treat a boot as first."""
+    return f"instance-id: edgefl-{name}\n"
+
+
+def make_seed_image(user_data: bytes, meta_data: bytes) -> bytes:
+    """A NoCloud seed image (ISO 9660 labelled ``cidata``) made with ``cloud-localds``."""
+    tool = shutil.which("cloud-localds")
+    if tool is None:
+        raise FlashError(
+            "this profile's image reads cloud-init from a cidata seed image, made with "
+            "cloud-localds: sudo apt-get install cloud-image-utils"
+        )
+    with tempfile.TemporaryDirectory(prefix="edgefl-seed-") as tmp:
+        ud, md, img = Path(tmp) / "user-data", Path(tmp) / "meta-data", Path(tmp) / "seed.img"
+        ud.write_bytes(user_data)
+        md.write_bytes(meta_data)
+        res = subprocess.run(
+            [tool, str(img), str(ud), str(md)], capture_output=True, text=True, timeout=120
+        )
+        if res.returncode != 0 or not img.is_file():
+            raise FlashError(f"cloud-localds failed: {res.stdout}{res.stderr}")
+        return img.read_bytes()
+
+
+def merge_user_data(existing: str, ours: str, *, source: str) -> str:
+    """``existing`` cloud-config with ours merged in: users, packages, apt sources, runcmd.
+
+    Everything else of ``existing`` is kept (Ubuntu Server for Pi ships a ``user-data``
+    with its default user and SSH settings; Raspberry Pi Imager writes one with the
+    operator's user and Wi-Fi). Comments do not survive the round trip through YAML.
+    """
+    if not existing.lstrip().startswith("#cloud-config"):
+        raise FlashError(
+            f"{source} is not a #cloud-config document (a script or MIME multipart?): "
+            "edgefl cannot merge into it; replace it or merge cloud-init/user-data by hand"
+        )
+    try:
+        doc = yaml.safe_load(existing)
+    except yaml.YAMLError as exc:
+        raise FlashError(f"{source} is not valid YAML ({exc}); fix or remove it") from exc
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise FlashError(f"{source} is not a cloud-config mapping; fix or remove it")
+    mine = yaml.safe_load(ours)
+    merged = dict(doc)
+    users = doc.get("users", ["default"])  # no users key means the image's default user
+    if not isinstance(users, list):
+        users = [users]
+    merged["users"] = [
+        u for u in users if not (isinstance(u, dict) and u.get("name") == "edgefl")
+    ] + [u for u in mine["users"] if isinstance(u, dict)]
+    if "default" not in users and "users" not in doc:
+        merged["users"].insert(0, "default")
+    packages = list(doc.get("packages") or [])
+    merged["packages"] = packages + [p for p in mine["packages"] if p not in packages]
+    merged["package_update"] = True
+    if "apt" in mine:
+        apt = dict(doc.get("apt") or {})
+        apt["sources"] = {**(apt.get("sources") or {}), **mine["apt"]["sources"]}
+        merged["apt"] = apt
+    runcmd = [c for c in doc.get("runcmd") or [] if c not in mine["runcmd"]]
+    merged["runcmd"] = runcmd + mine["runcmd"]
+    header = ours.split("\nusers:", 1)[0]
+    return (
+        f"{header}\n# Merged into the image's user-data; its original is kept in "
+        f"user-data{ORIGINAL_SUFFIX}.\n" + yaml.safe_dump(merged, sort_keys=False)
+    )
+
+
 def render_readme(
     *,
     sf: SecureFleet,
@@ -533,6 +609,8 @@ def build_bundle(
     """Every file of a bundle by bundle-relative path (nothing is written)."""
     has_model = initial_package is not None
     offline = wheelhouse is not None
+    user_data = render_user_data(profile, name=name).encode()
+    meta_data = render_meta_data(name).encode()
     files: dict[str, BundleFile] = {
         "README.md": BundleFile(
             render_readme(
@@ -555,7 +633,8 @@ def build_bundle(
         "trust/signing.pub": BundleFile(sf.signing_public_key.read_bytes()),
         f"systemd/{SERVICE_NAME}": BundleFile(render_service_unit(profile).encode()),
         f"systemd/{PROVISION_SERVICE}": BundleFile(render_provision_unit(profile).encode()),
-        "cloud-init/user-data": BundleFile(render_user_data(profile, name=name).encode()),
+        "cloud-init/user-data": BundleFile(user_data),
+        "cloud-init/meta-data": BundleFile(meta_data),
         "provision.sh": BundleFile(
             render_provision_script(profile, wheel=wheel, offline=offline).encode(), 0o755
         ),
@@ -564,6 +643,8 @@ def build_bundle(
     }
     for dep in wheelhouse or ():
         files[f"wheels/{dep.name}"] = BundleFile(dep.read_bytes())
+    if profile.os.boot_media == "cidata":
+        files["cloud-init/seed.img"] = BundleFile(make_seed_image(user_data, meta_data))
     identity: dict[str, object] = {
         "device": name,
         "fleet": sf.fleet,
@@ -611,10 +692,27 @@ def _write_tree(root: Path, files: dict[str, BundleFile]) -> None:
         os.chmod(path, item.mode)
 
 
-def write_boot(boot: Path, files: dict[str, BundleFile], *, name: str) -> tuple[Path, list[str]]:
-    """Write ``boot/edgefl`` atomically (temp dir + rename); maybe ``boot/user-data``."""
+def write_boot(
+    boot: Path, files: dict[str, BundleFile], *, name: str, boot_media: str
+) -> tuple[Path, list[str]]:
+    """Write ``boot/edgefl`` atomically (temp dir + rename), and the image's user-data.
+
+    ``boot-partition`` media: ``boot/user-data`` (merged into the image's own, whose
+    original is kept as ``user-data.edgefl-orig``) and ``boot/meta-data``. ``cidata``
+    media: nothing besides the bundle; the image reads ``cloud-init/seed.img``.
+    """
     notes: list[str] = []
     target = boot / BUNDLE_NAME
+    user_data = boot / "user-data"
+    original = boot / f"user-data{ORIGINAL_SUFFIX}"
+    ours = files["cloud-init/user-data"].data.decode()
+    merged: str | None = None
+    if boot_media == "boot-partition":
+        # Merge (and so refuse what cannot be merged) before anything is written.
+        if original.exists():
+            merged = merge_user_data(original.read_text(), ours, source=str(original))
+        elif user_data.exists() and USER_DATA_MARKER not in user_data.read_text(errors="replace")[:300]:
+            merged = merge_user_data(user_data.read_text(), ours, source=str(user_data))
     staging = Path(tempfile.mkdtemp(prefix=f".{BUNDLE_NAME}-new-", dir=boot))
     old: Path | None = None
     try:
@@ -631,18 +729,23 @@ def write_boot(boot: Path, files: dict[str, BundleFile], *, name: str) -> tuple[
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    # cloud-init's NoCloud source reads user-data/meta-data at the partition's root.
-    user_data = boot / "user-data"
-    ours = files["cloud-init/user-data"].data
-    if not user_data.exists() or USER_DATA_MARKER in user_data.read_text(errors="replace")[:200]:
-        pki.write_public(user_data, ours)
-        if not (boot / "meta-data").exists():
-            pki.write_public(boot / "meta-data", f"instance-id: edgefl-{name}\n".encode())
-    else:
+    if boot_media == "cidata":
         notes.append(
-            f"{user_data} exists and was not written by edgefl: merge "
-            f"{target / 'cloud-init' / 'user-data'} into it (packages, runcmd)"
+            f"this image reads cloud-init from a seed labelled cidata: write "
+            f"{target / 'cloud-init' / 'seed.img'} to a USB stick (or attach it as a second "
+            "disk) and leave it plugged in for the first boot"
         )
+        return target, notes
+    # NoCloud on these images reads user-data/meta-data at the partition's root.
+    if merged is not None:
+        if not original.exists():
+            pki.write_public(original, user_data.read_bytes())
+        pki.write_public(user_data, merged.encode())
+        notes.append(f"merged edgefl's cloud-init into {user_data} (original: {original})")
+    else:
+        pki.write_public(user_data, ours.encode())
+    if not (boot / "meta-data").exists():
+        pki.write_public(boot / "meta-data", files["cloud-init/meta-data"].data)
     return target, notes
 
 
@@ -831,7 +934,9 @@ def flash(
         if reload is not None:
             reloaded = reload() is not False
         if boot is not None:
-            bundle, boot_notes = write_boot(boot, files, name=name)
+            bundle, boot_notes = write_boot(
+                boot, files, name=name, boot_media=prof.os.boot_media
+            )
             notes += boot_notes
         else:
             bundle = write_tarball(existing, files)

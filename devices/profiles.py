@@ -29,6 +29,8 @@ from protos.topics import TopicError, check_name
 ARCHITECTURES = ("aarch64", "x86_64")
 #: How a fresh image is provisioned at first boot.
 PROVISIONING = ("cloud-init",)
+#: Where the image's cloud-init finds the bundle's user-data (see ``[os] boot_media``).
+BOOT_MEDIA = ("boot-partition", "cidata")
 #: LiteRT delegates a profile may name: what a device's ``[litert] delegate`` accepts.
 DELEGATES = LITERT_DELEGATES
 #: Python versions the edge extra installs on.
@@ -70,6 +72,11 @@ class OperatingSystem:
     """First-boot provisioning mechanism."""
     boot_mount: str = "/boot/firmware"
     """Where the running system mounts the partition the bundle is written to."""
+    boot_media: str = "boot-partition"
+    """Where the image's cloud-init reads user-data: ``boot-partition`` (NoCloud files at
+    the boot partition's root: Raspberry Pi OS Trixie, Ubuntu Server for Pi; an existing
+    ``user-data`` there is merged into) or ``cidata`` (a separate seed image labelled
+    ``cidata``, made with ``cloud-localds``: generic cloud images, Jetson)."""
     packages: list[str] = field(default_factory=list)
     """Distribution packages installed at first boot (besides the venv's pip packages)."""
     apt_sources: list[str] = field(default_factory=list)
@@ -146,6 +153,7 @@ _RULES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("os", "python"): (lambda v: v in PYTHONS, f"must be one of {PYTHONS}"),
     ("os", "provisioning"): (lambda v: v in PROVISIONING, f"must be one of {PROVISIONING}"),
     ("os", "boot_mount"): (lambda v: v.startswith("/"), "must be an absolute path"),
+    ("os", "boot_media"): (lambda v: v in BOOT_MEDIA, f"must be one of {BOOT_MEDIA}"),
     ("litert", "threads"): (lambda v: 1 <= v <= 64, "must be in 1..64"),
     ("litert", "delegate"): (lambda v: v in DELEGATES, f"must be one of {DELEGATES}"),
     ("litert", "serving_threads"): (lambda v: 1 <= v <= 64, "must be in 1..64"),

@@ -122,9 +122,9 @@ def test_cloud_init_and_systemd_unit_are_valid(fleet: SecureFleet, tmp_path: Pat
     assert doc["apt"]["sources"]["edgefl-0"]["source"] == "ppa:deadsnakes/ppa"
     assert {"name": "edgefl"}.items() <= doc["users"][1].items()
     assert doc["runcmd"] == [["sh", "/boot/edgefl/provision.sh", "start"]]
-    # No user-data on the partition yet: the flash put ours (and meta-data) at its root.
-    assert (boot / "user-data").read_text() == text
-    assert (boot / "meta-data").read_text() == "instance-id: edgefl-jet-1\n"
+    # Jetson's cloud-init reads a cidata seed (tests/devices/test_boot_media.py), not /boot.
+    assert not (boot / "user-data").exists()
+    assert (bundle / "cloud-init" / "meta-data").read_text() == "instance-id: edgefl-jet-1\n"
 
     unit_path = bundle / "systemd" / SERVICE_NAME
     unit = configparser.ConfigParser(strict=False, interpolation=None)
@@ -222,7 +222,7 @@ def test_bundle_pins_dependencies_and_refuses_a_foreign_wheel(
     assert "pi-x" not in read_registry(fleet)
 
 
-def test_boot_bundle_modes_and_foreign_user_data_left_alone(
+def test_boot_bundle_modes_and_foreign_user_data_kept(
     fleet: SecureFleet, tmp_path: Path
 ) -> None:
     boot = tmp_path / "boot"
@@ -236,8 +236,10 @@ def test_boot_bundle_modes_and_foreign_user_data_left_alone(
     assert stat.S_IMODE((bundle / "secrets").stat().st_mode) == 0o700
     for secret in ("mqtt.password", "supernode.key"):
         assert stat.S_IMODE((bundle / "secrets" / secret).stat().st_mode) == 0o600
-    assert (boot / "user-data").read_text() == "#cloud-config\nhostname: mine\n"
-    assert any("merge" in note for note in result.notes)
+    merged = yaml.safe_load((boot / "user-data").read_text())  # merged, not left alone
+    assert merged["hostname"] == "mine"
+    assert (boot / "user-data.edgefl-orig").read_text() == "#cloud-config\nhostname: mine\n"
+    assert any("merged" in note for note in result.notes)
     assert not [p for p in boot.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 

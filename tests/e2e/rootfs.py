@@ -14,6 +14,7 @@ init, so no machined or D-Bus on the host is needed.
 from __future__ import annotations
 
 import configparser
+import contextlib
 import fcntl
 import logging
 import os
@@ -62,23 +63,42 @@ def _run(cmd: list[str], *, timeout: float, log: Path) -> None:
 
 
 def ensure_binfmt(arch: str) -> None:
-    """Make the kernel run ``arch`` binaries through qemu-user-static (binfmt_misc)."""
+    """Make the kernel run ``arch`` binaries through qemu-user-static (binfmt_misc).
+
+    Mounts binfmt_misc if needed and registers qemu-user-static's own entry
+    (``/usr/lib/binfmt.d/qemu-ARCH.conf``; its ``F`` flag opens the interpreter now, so
+    chroots need no copy of it).
+    """
     mount = Path("/proc/sys/fs/binfmt_misc")
     if not (mount / "register").exists():
         subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(mount)], check=True)
     entry = mount / f"qemu-{arch}"
     if entry.exists():
         return
-    if shutil.which("update-binfmts"):
-        subprocess.run(["update-binfmts", "--enable", f"qemu-{arch}"], check=False)
+    conf = Path(f"/usr/lib/binfmt.d/qemu-{arch}.conf")
+    if not conf.is_file():
+        raise RuntimeError(f"{conf} missing: install qemu-user-static")
+    line = next(ln for ln in conf.read_text().splitlines() if ln.startswith(":"))
+    with contextlib.suppress(FileExistsError):  # registered by someone else meanwhile
+        (mount / "register").write_text(line)
     if not entry.exists():
-        raise RuntimeError(f"binfmt_misc has no qemu-{arch} entry (install qemu-user-static)")
+        raise RuntimeError(f"binfmt_misc did not take the qemu-{arch} entry")
 
 
-def debian_rootfs(suite: str = "bookworm", arch: str = "amd64", *, timeout: float = 900) -> Path:
-    """The cached tarball of a ``suite``/``arch`` rootfs, built now if missing."""
+def debian_rootfs(
+    suite: str = "bookworm",
+    arch: str = "amd64",
+    *,
+    packages: Sequence[str] = BASE_PACKAGES,
+    flavour: str = "v1",
+    timeout: float = 1800,
+) -> Path:
+    """The cached tarball of a ``suite``/``arch`` rootfs with ``packages``, built if missing.
+
+    ``flavour`` names the package set in the cache (change it when ``packages`` change).
+    """
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    tarball = CACHE_DIR / f"debian-{suite}-{arch}-v1.tar"
+    tarball = CACHE_DIR / f"debian-{suite}-{arch}-{flavour}.tar"
     lock_path = CACHE_DIR / f".{tarball.name}.lock"
     with lock_path.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another test run may be building it
@@ -90,7 +110,7 @@ def debian_rootfs(suite: str = "bookworm", arch: str = "amd64", *, timeout: floa
         shutil.rmtree(build, ignore_errors=True)
         started = time.monotonic()
         try:
-            include = ",".join(BASE_PACKAGES)
+            include = ",".join(packages)
             foreign = arch not in ("amd64",)
             cmd = ["debootstrap", "--variant=minbase", f"--include={include}", f"--arch={arch}"]
             if foreign:
@@ -98,9 +118,6 @@ def debian_rootfs(suite: str = "bookworm", arch: str = "amd64", *, timeout: floa
                 cmd.append("--foreign")
             _run([*cmd, suite, str(build), MIRROR], timeout=timeout, log=log)
             if foreign:
-                qemu = shutil.which("qemu-aarch64-static")
-                if qemu:  # binfmt entries with the F flag need no copy; older ones do
-                    shutil.copy2(qemu, build / "usr/bin/qemu-aarch64-static")
                 _run(
                     ["chroot", str(build), "/debootstrap/debootstrap", "--second-stage"],
                     timeout=timeout,
@@ -108,6 +125,8 @@ def debian_rootfs(suite: str = "bookworm", arch: str = "amd64", *, timeout: floa
                 )
             (build / "etc/hostname").write_text("edgefl-device\n")
             (build / "etc/machine-id").write_text("")  # a fresh id at every first boot
+            shutil.rmtree(build / "var/cache/apt/archives", ignore_errors=True)
+            (build / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
             partial = tarball.with_suffix(".tar.partial")
             _run(
                 ["tar", "-C", str(build), "--numeric-owner", "-cf", str(partial), "."],

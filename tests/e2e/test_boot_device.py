@@ -4,7 +4,8 @@ The x86-64-gateway profile's image family is a Debian 12 cloud image: the test b
 a Debian bookworm rootfs with debootstrap (cached, see :mod:`tests.e2e.rootfs`),
 flashes a bundle straight into its ``/boot/efi`` (where the profile's boot partition
 mounts), seeds cloud-init's NoCloud source with the flashed ``user-data`` and
-``meta-data`` (``/var/lib/cloud/seed/nocloud/``), and boots it with
+``meta-data`` (what the bundle's ``cidata`` seed image holds, put in
+``/var/lib/cloud/seed/nocloud/``), and boots it with
 ``systemd-nspawn --boot``. Nothing on the device is done by the test: cloud-init runs
 ``provision.sh start``, ``edgefl-provision.service`` installs the bundle's wheel,
 ``edgefl-edge.service`` starts. The cloud (TLS Mosquitto with passwords and ACL,
@@ -34,7 +35,8 @@ import pytest
 
 from cloud import config as cloud_config
 from cloud.supervisor import init_cloud
-from devices.flash import PROVISION_SERVICE, SERVICE_NAME, VENV_DIR, flash
+from devices.flash import PROVISION_SERVICE, SERVICE_NAME, VENV_DIR, FlashResult, flash
+from devices.secure_fleet import SecureFleet, reload_broker_from_pid_file, running_superlink
 from devices.software import build_wheel
 from edge.process import free_port
 from tests.devices.test_secure_broker import connect
@@ -115,6 +117,30 @@ def secure_cloud(tmp_path: Path, model_dir: Path) -> cloud_config.CloudSettings:
     return s
 
 
+def flash_into(
+    s: cloud_config.CloudSettings, root: Path, name: str, *, grpc_port: int
+) -> FlashResult:
+    """Flash ``name`` into the rootfs's boot partition against the running cloud.
+
+    As ``edgefl devices flash`` does with a cloud up: the broker reloads its password
+    file and the SuperLink registers the device's key at once.
+    """
+    sf = SecureFleet.load(s.data_dir)
+    link = running_superlink(sf)
+    assert link is not None
+    return flash(
+        cloud_dir=s.data_dir,
+        profile=PROFILE,
+        name=name,
+        cloud_host="127.0.0.1",
+        boot=root / BOOT_MOUNT,
+        grpc_port=grpc_port,
+        supernode_port=free_port(),
+        reload=lambda: reload_broker_from_pid_file(s.data_dir),
+        register_supernode=link.register_supernode,
+    )
+
+
 def prepare_rootfs(tarball: Path, root: Path) -> Path:
     """Unpack the image; cloud-init reads NoCloud only (as a cloud image's config says)."""
     rootfs.unpack(tarball, root)
@@ -122,17 +148,25 @@ def prepare_rootfs(tarball: Path, root: Path) -> Path:
         "datasource_list: [NoCloud, None]\n"
         # The container shares the host's network: cloud-init must not reconfigure it.
         "network: {config: disabled}\n"
+        # A cloud image has the locales package and an SSH server; minbase has neither.
+        "locale: false\n"
+        "ssh_genkeytypes: []\n"
     )
     (root / BOOT_MOUNT).mkdir(parents=True, exist_ok=True)
     return root
 
 
 def seed_nocloud(root: Path) -> None:
-    """NoCloud's seed directory, fed with the user-data/meta-data the flash wrote."""
+    """NoCloud's seed directory, fed with what the bundle's ``cidata`` seed image holds.
+
+    The profile's image reads a ``cidata`` image (``cloud-init/seed.img``, checked in
+    tests/devices/test_boot_media.py); a container has no block devices to attach it
+    as, so the same two files go to the seed directory NoCloud also reads.
+    """
     seed = root / "var/lib/cloud/seed/nocloud"
     seed.mkdir(parents=True, exist_ok=True)
     for name in ("user-data", "meta-data"):
-        shutil.copyfile(root / BOOT_MOUNT / name, seed / name)
+        shutil.copyfile(root / BOOT_MOUNT / "edgefl" / "cloud-init" / name, seed / name)
 
 
 def boot(
@@ -210,21 +244,13 @@ def test_flashed_gateway_boots_provisions_joins_serves_and_is_refused_after_revo
     tmp_path: Path, bookworm: Path, mlp_model_dir: Path, stack_factory, decoy_index: str
 ) -> None:
     s = secure_cloud(tmp_path, mlp_model_dir)
+    stack = stack_factory(s)
     root = prepare_rootfs(bookworm, tmp_path / "rootfs")
     grpc_port = free_port()
-    result = flash(
-        cloud_dir=s.data_dir,
-        profile=PROFILE,
-        name="gw-boot",
-        cloud_host="127.0.0.1",
-        boot=root / BOOT_MOUNT,
-        grpc_port=grpc_port,
-        supernode_port=free_port(),
-    )
+    result = flash_into(s, root, "gw-boot", grpc_port=grpc_port)
     assert result.bundle == root / BOOT_MOUNT / "edgefl"
     password = (result.bundle / "secrets" / "mqtt.password").read_text().strip()
     seed_nocloud(root)
-    stack = stack_factory(s)  # registers the flashed SuperNode key at start
 
     # The attacker's index is in pip's configuration with the host's real ones.
     device = boot(root, tmp_path, name="gw-boot", network=True, attacker_index=decoy_index)
@@ -301,18 +327,10 @@ def test_a_first_boot_without_network_recovers_at_the_next_boot(
     tmp_path: Path, bookworm: Path, mlp_model_dir: Path, stack_factory
 ) -> None:
     s = secure_cloud(tmp_path, mlp_model_dir)
-    root = prepare_rootfs(bookworm, tmp_path / "rootfs")
-    result = flash(
-        cloud_dir=s.data_dir,
-        profile=PROFILE,
-        name="gw-offline",
-        cloud_host="127.0.0.1",
-        boot=root / BOOT_MOUNT,
-        grpc_port=free_port(),
-        supernode_port=free_port(),
-    )
-    seed_nocloud(root)
     stack = stack_factory(s)
+    root = prepare_rootfs(bookworm, tmp_path / "rootfs")
+    result = flash_into(s, root, "gw-offline", grpc_port=free_port())
+    seed_nocloud(root)
 
     device = boot(root, tmp_path, name="gw-offline-1", network=False)
     try:
