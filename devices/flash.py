@@ -302,7 +302,9 @@ def render_provision_unit(profile: Profile) -> str:
 Description=edgefl device provisioning (install, verify, enable {SERVICE_NAME})
 Documentation=file:{INSTALL_DIR}/README.md
 Wants=network-online.target
-After=network-online.target cloud-final.service
+# Not After=cloud-final.service: cloud-final orders itself after multi-user.target,
+# which waits for this unit (a cycle systemd breaks by dropping this job at boot).
+After=network-online.target
 ConditionPathExists=!{PROVISION_STATE_DIR}/done
 StartLimitIntervalSec=0
 

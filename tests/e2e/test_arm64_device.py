@@ -29,7 +29,8 @@ from devices.secure_fleet import init_secure
 from devices.software import build_wheel
 from tests.e2e import rootfs
 
-pytestmark = pytest.mark.slow
+#: Debootstrap's second stage and pip under qemu take minutes; more on a loaded machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 ARM_PACKAGES = ("ca-certificates", "python3", "python3-venv")
 PROBE = """

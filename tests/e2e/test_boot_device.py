@@ -44,7 +44,8 @@ from tests.e2e import rootfs
 from tests.edge.helpers import run_triton
 from tests.edge.test_doctor_shadowing import build_wheel as build_decoy
 
-pytestmark = pytest.mark.slow
+#: Debootstrap from nothing, a boot, cloud-init and a pip install on a loaded 2-core box.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 EDGEFL = str(Path(sys.executable).parent / "edgefl")
 PROFILE = "x86-64-gateway"
