@@ -62,6 +62,7 @@ def test_tarball_is_complete_and_secrets_are_0600(fleet: SecureFleet, tmp_path: 
         f"systemd/{SERVICE_NAME}",
         f"systemd/{PROVISION_SERVICE}",
         "cloud-init/user-data",
+        "cloud-init/meta-data",
         f"software/{build_wheel().path.name}",
         "software/constraints.txt",
     }
