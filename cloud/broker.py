@@ -205,7 +205,12 @@ class Broker:
         except ProcessError as exc:
             log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
             self.process.stop()
-            raise BrokerError(f"{exc}\n{log[-2000:]}") from exc
+            # One line for the operator (Mosquitto's own error, if it gave one); the whole
+            # log only with `edgefl -v`, and in the file.
+            logger.info("mosquitto log %s:\n%s", self.log_path, log[-4000:])
+            errors = [line for line in log.splitlines() if "Error" in line]
+            why = errors[-1].split(": ", 1)[-1] if errors else str(exc).splitlines()[0]
+            raise BrokerError(f"mosquitto did not start: {why} (log: {self.log_path})") from exc
         logger.info("mosquitto listening on %s:%d (pid %d)", self.host, self.port, self.process.pid)
         return self
 

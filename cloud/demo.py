@@ -116,8 +116,10 @@ def run_demo(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        from cloud.commands import EXIT_INTERRUPTED
+
         _print("\n==> stopping")
-        return 0
+        return EXIT_INTERRUPTED
     finally:
         if fleet is not None:
             fleet.stop()

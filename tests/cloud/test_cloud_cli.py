@@ -98,11 +98,13 @@ def _add_version(conf: Path, mlp_model_dir: Path) -> None:
     registry = Registry(s.registry_url)
     try:
         run_id = registry.start_run(num_rounds=3, strategy="fedavg", config={})
-        arch, data = package_weights(
-            s.model.dir, LiteRTModel.load(mlp_model_dir).get_weights()
-        )
+        arch, data = package_weights(s.model.dir, LiteRTModel.load(mlp_model_dir).get_weights())
         registry.add_version(
-            package=data, architecture_id=arch, round=0, run_id=run_id, parent_version=None,
+            package=data,
+            architecture_id=arch,
+            round=0,
+            run_id=run_id,
+            parent_version=None,
             metrics={},
         )
     finally:
@@ -161,9 +163,7 @@ def test_one_cloud_per_data_dir_status_and_pin_find_it(
     assert res.returncode == 1 and "no cloud is running" in res.stderr
 
 
-def test_a_busy_port_is_one_line_naming_the_port_and_its_holder(
-    conf: Path, tmp_path: Path
-) -> None:
+def test_a_busy_port_is_one_line_naming_the_port_and_its_holder(conf: Path, tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen(1)
@@ -178,3 +178,18 @@ def test_a_busy_port_is_one_line_naming_the_port_and_its_holder(
     assert f"127.0.0.1:{port} is already in use" in lines[0]
     assert "python" in lines[0] and "pid" in lines[0]
     assert running_cloud(s.data_dir) is None
+
+
+def test_a_broker_that_cannot_bind_fails_in_one_line(tmp_path: Path) -> None:
+    """Past `cloud up`'s own check (a port taken in between): Mosquitto's error, one line."""
+    from cloud.broker import Broker, BrokerConfig, BrokerError
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        with pytest.raises(BrokerError) as caught:
+            Broker(BrokerConfig(port=port, data_dir=tmp_path / "b")).start(timeout=30)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert message.startswith("mosquitto did not start:") and "mosquitto.log" in message
