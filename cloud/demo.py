@@ -51,6 +51,13 @@ def run_demo(args: argparse.Namespace) -> int:
     settings.run = dataclasses.replace(
         settings.run, num_rounds=args.rounds, min_nodes=args.devices, wait_for_nodes_s=120.0
     )
+    from cloud.cloud_lock import CloudRunningError, running_cloud
+
+    holder = running_cloud(settings.data_dir)
+    if holder is not None:
+        # Before --fresh deletes anything: the data dir belongs to a running cloud.
+        print(f"edgefl demo: {CloudRunningError(holder, settings.data_dir)}", file=sys.stderr)
+        return 1
     if args.fresh:
         for stale in ("registry.db", "registry.db-wal", "registry.db-shm"):
             (settings.data_dir / stale).unlink(missing_ok=True)

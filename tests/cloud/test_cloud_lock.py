@@ -62,3 +62,36 @@ def test_no_lock_file_means_no_cloud(tmp_path: Path) -> None:
     start = time.monotonic()
     assert running_cloud(tmp_path) is None
     assert time.monotonic() - start < 60
+
+
+def test_the_demo_refuses_a_data_dir_in_use_before_fresh_deletes_anything(
+    tmp_path: Path, mlp_model_dir: Path
+) -> None:
+    from cloud.supervisor import init_cloud
+
+    init_cloud(tmp_path, fleet="demo", model_dir=mlp_model_dir)
+    data = tmp_path / "data"
+    (data / "registry.db").write_bytes(b"the running cloud's registry")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(data)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        res = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "edgefl"),
+                "demo",
+                "--dir",
+                str(tmp_path),
+                "--fresh",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert res.returncode == 1
+    assert f"a cloud is already running on {data} (pid {proc.pid}" in res.stderr
+    assert (data / "registry.db").read_bytes() == b"the running cloud's registry"
