@@ -12,6 +12,10 @@ strategy from ``flwr.serverapp.strategy`` round by round itself, instead of call
 * **bookkeeping**: who was sampled, who replied, who timed out, per-device metrics;
 * **release**: after every round the new global model is registered and pushed to the
   whole fleet over MQTT (:mod:`cloud.releases`).
+* **approval**: every message carries the fleet's signed approval of this run
+  (:mod:`edge.run_approval`, content key ``edgefl-approval``), which the cloud
+  supervisor wrote to ``data_dir/approvals/<run id>.json`` when it submitted the run;
+  devices refuse messages without it.
 """
 
 from __future__ import annotations
@@ -33,11 +37,15 @@ from cloud.publisher import Publisher
 from cloud.registry import Registry
 from cloud.releases import release_weights
 from edge.clientapp import arrays_to_record, record_to_arrays
+from edge.run_approval import APPROVAL_KEY, RunApproval, wait_for_approval
 
 logger = logging.getLogger(__name__)
 
 #: Seconds to wait for devices to say who they are (QUERY messages).
 IDENTIFY_TIMEOUT_S = 20.0
+#: Seconds to wait for the cloud supervisor's approval of this run (written right
+#: after ``flwr run`` returns the run id, which can be after this ServerApp started).
+APPROVAL_WAIT_S = 60.0
 
 
 def make_strategy(settings: CloudSettings) -> Strategy:
@@ -155,6 +163,18 @@ class Aggregator:
         self.names: dict[int, str] = {}
         #: When each node last said which device it is (a counter: higher is newer).
         self._named_at: dict[int, int] = {}
+        self.approval: RunApproval | None = None
+
+    def _approve(self, message: Message) -> Message:
+        """Put the run's approval into ``message`` (devices refuse messages without one)."""
+        if self.approval is None:
+            if self.flower_run_id is None:
+                raise RuntimeError("no Flower run id: the run cannot carry an approval")
+            self.approval = wait_for_approval(
+                self.settings.data_dir, int(self.flower_run_id), timeout=APPROVAL_WAIT_S
+            )
+        message.content[APPROVAL_KEY] = ConfigRecord(self.approval.to_record())  # type: ignore[arg-type]
+        return message
 
     # -- run set-up --------------------------------------------------------------------------
 
@@ -227,10 +247,12 @@ class Aggregator:
         if not unknown:
             return set()
         messages = [
-            Message(
-                content=RecordDict({"config": ConfigRecord({})}),
-                message_type=MessageType.QUERY,
-                dst_node_id=n,
+            self._approve(
+                Message(
+                    content=RecordDict({"config": ConfigRecord({})}),
+                    message_type=MessageType.QUERY,
+                    dst_node_id=n,
+                )
             )
             for n in unknown
         ]
@@ -305,9 +327,12 @@ class Aggregator:
             }
         )
         sample_from = cast(Grid, _OnlyNodes(grid, current))
-        messages = list(
-            self.strategy.configure_train(rnd, arrays_to_record(weights), config, sample_from)
-        )
+        messages = [
+            self._approve(m)
+            for m in self.strategy.configure_train(
+                rnd, arrays_to_record(weights), config, sample_from
+            )
+        ]
         sampled = {m.metadata.dst_node_id for m in messages}
         self.registry.round_started(run_id, rnd, sampled=[self.name(n) for n in sampled])
         logger.info(

@@ -408,8 +408,21 @@ class CloudStack:
         with self._lock:
             self.flower_run_id = str(doc.get("run-id"))
             self.run_active = True
+        self._approve_run(int(self.flower_run_id))
         logger.info("submitted Flower run %s", self.flower_run_id)
         return self.flower_run_id
+
+    def _approve_run(self, run_id: int) -> None:
+        """Sign the fleet's approval of ``run_id`` and leave it for the ServerApp.
+
+        Devices execute only messages that carry it (:mod:`edge.run_approval`); this
+        process submitted the run, so it is the one that vouches for it.
+        """
+        from edge.run_approval import sign_approval, write_approval
+        from protos import signing
+
+        key = signing.load_private_key(self.settings.signing.private_key)
+        write_approval(self.data_dir, sign_approval(key, self.settings.cloud.fleet, run_id))
 
     def run_status(self) -> str:
         """Flower's status of the submitted run: pending, starting, running, finished:…"""

@@ -1,34 +1,60 @@
-"""Flower ClientApp: a thin adapter in front of the device's Trainer service.
+"""edgefl's ClientApp: what a device does with one Flower message, inside its own process.
 
-Flower's SuperNode starts a new process for every message, so this module imports
-only Flower, gRPC and our generated stubs, holds no state, and does the work by
-calling the device's own ``edgefl.v1.Trainer`` over loopback. The SuperNode passes
-the device's identity and the Trainer address as node config::
+The device's executor (:mod:`edge.executor`) takes each message from the SuperNode,
+checks the fleet's approval of its run, and calls :class:`EdgeClientApp` with it in a
+worker thread of the warm ``edgefl edge up`` process. The app calls the device's
+:class:`~edge.trainer_service.LocalTrainer` directly: no gRPC hop, no process per
+message, and no code from the run's FAB (the Flower App names ``edge.clientapp:app``
+only so that ``flwr run`` accepts it; devices never load it from the FAB).
 
-    flower-supernode ... --node-config 'device-id="pi-17" trainer-address="127.0.0.1:50051"'
+What each message type must hold (content keys; anything else is refused with
+:class:`~edge.errors.TaskRefused` before the Trainer is touched):
+
+======== ===================================== ======================================
+type     content                               reply content
+======== ===================================== ======================================
+train    ``arrays`` (ArrayRecord, the global   ``arrays`` (new weights), ``metrics``
+         weights), ``config`` (ConfigRecord)   (num-examples, train-loss,
+                                               train-accuracy, train-seconds),
+                                               ``device`` (device-id)
+evaluate ``arrays``, ``config``                ``metrics`` (num-examples, eval-loss,
+                                               eval-accuracy), ``device``
+query    ``config``                            ``device``
+======== ===================================== ======================================
+
+Every message also carries the run approval (``edgefl-approval``, see
+:mod:`edge.run_approval`), which the executor verifies first. Config keys:
+``server-round``, ``local-epochs``, ``learning-rate``, ``proximal-mu``, ``seed``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
-import grpc
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
+from edge.errors import TaskRefused
+from edge.run_approval import APPROVAL_KEY
+from edge.trainer_service import LocalTrainer
 from protos import codec
-from protos.edgefl.v1 import trainer_pb2, trainer_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-#: Seconds one Fit call may take before the adapter gives up (the round timeout on
-#: the server is what really bounds a round).
-FIT_DEADLINE_S = 600.0
-#: Largest gRPC message between the adapter and the Trainer.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-app = ClientApp()
+#: Flower config key → (Trainer config key, type). ``server-round`` is handled apart.
+CONFIG_KEYS: dict[str, tuple[str, type]] = {
+    "local-epochs": ("epochs", int),
+    "learning-rate": ("learning_rate", float),
+    "proximal-mu": ("proximal_mu", float),
+    "seed": ("seed", int),
+}
+#: Content keys each message type must hold (besides the approval).
+CONTENT_KEYS: dict[str, frozenset[str]] = {
+    "train": frozenset({"arrays", "config"}),
+    "evaluate": frozenset({"arrays", "config"}),
+    "query": frozenset({"config"}),
+}
 
 
 def arrays_to_record(weights: dict[str, np.ndarray]) -> ArrayRecord:
@@ -41,97 +67,107 @@ def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: record[name].numpy() for name in record}
 
 
-def _trainer(context: Context) -> tuple[trainer_pb2_grpc.TrainerStub, grpc.Channel]:
-    address = str(context.node_config.get("trainer-address", ""))
-    if not address:
-        raise RuntimeError(
-            "node config lacks trainer-address (start the SuperNode with edgefl edge up)"
+def _check_content(msg: Message) -> str:
+    kind = msg.metadata.message_type.split(".", 1)[0]
+    expected = CONTENT_KEYS.get(kind)
+    if expected is None:
+        raise TaskRefused(
+            f"message type {msg.metadata.message_type!r} is not one this device handles "
+            f"({', '.join(sorted(CONTENT_KEYS))})"
         )
-    channel = grpc.insecure_channel(
-        address,
-        options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ],
-    )
-    return trainer_pb2_grpc.TrainerStub(channel), channel
+    keys = set(msg.content.keys()) - {APPROVAL_KEY}
+    unknown, missing = sorted(keys - expected), sorted(expected - keys)
+    if unknown or missing:
+        problems = []
+        if unknown:
+            problems.append(f"unknown content keys {', '.join(unknown)}")
+        if missing:
+            problems.append(f"missing content keys {', '.join(missing)}")
+        raise TaskRefused(
+            f"{kind} message refused: {'; '.join(problems)} "
+            f"(a {kind} message holds {', '.join(sorted(expected))})"
+        )
+    if "config" in expected and not isinstance(msg.content["config"], ConfigRecord):
+        raise TaskRefused(f"{kind} message refused: 'config' is not a ConfigRecord")
+    if "arrays" in expected and not isinstance(msg.content["arrays"], ArrayRecord):
+        raise TaskRefused(f"{kind} message refused: 'arrays' is not an ArrayRecord")
+    return kind
 
 
-def _device_record(context: Context) -> ConfigRecord:
-    return ConfigRecord({"device-id": str(context.node_config.get("device-id", ""))})
-
-
-def _fit_config(config: ConfigRecord) -> dict[str, codec.ConfigScalar]:
+def _fit_config(config: ConfigRecord) -> tuple[int, dict[str, codec.ConfigScalar]]:
+    """(server round, the Trainer's config) from a message's config; TaskRefused on unknown keys."""
+    unknown = sorted(set(config) - set(CONFIG_KEYS) - {"server-round"})
+    if unknown:
+        raise TaskRefused(
+            f"unknown config keys {', '.join(unknown)} "
+            f"(known: {', '.join(sorted([*CONFIG_KEYS, 'server-round']))})"
+        )
     out: dict[str, codec.ConfigScalar] = {}
-    mapping = {
-        "local-epochs": ("epochs", int),
-        "learning-rate": ("learning_rate", float),
-        "proximal-mu": ("proximal_mu", float),
-        "seed": ("seed", int),
-    }
-    for key, (name, kind) in mapping.items():
+    for key, (name, kind) in CONFIG_KEYS.items():
         if key in config:
-            out[name] = kind(config[key])  # type: ignore[arg-type]
-    return out
+            value = config[key]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TaskRefused(f"config {key} must be a number, got {value!r}")
+            if kind is int and not isinstance(value, int):
+                raise TaskRefused(f"config {key} must be an integer, got {value!r}")
+            out[name] = kind(value)
+    server_round = config.get("server-round", 0)
+    if isinstance(server_round, bool) or not isinstance(server_round, int):
+        raise TaskRefused(f"config server-round must be an integer, got {server_round!r}")
+    return server_round, out
 
 
-def _server_round(config: ConfigRecord) -> int:
-    value = config.get("server-round", 0)
-    return value if isinstance(value, int) else 0
+class EdgeClientApp:
+    """Answers train/evaluate/query messages with the device's own Trainer."""
 
+    def __init__(self, trainer: LocalTrainer, device_id: str) -> None:
+        self.trainer = trainer
+        self.device_id = device_id
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    stub, channel = _trainer(context)
-    try:
-        config = msg.content.config_records["config"]
-        request = trainer_pb2.FitRequest(
-            weights=codec.tensors_to_proto(record_to_arrays(msg.content.array_records["arrays"])),
-            config=codec.config_to_proto(_fit_config(config)),
-            server_round=_server_round(config),
+    def _device(self) -> ConfigRecord:
+        return ConfigRecord({"device-id": self.device_id})
+
+    def __call__(
+        self, msg: Message, context: Context, *, cancelled: Callable[[], bool] | None = None
+    ) -> Message:
+        """The reply to ``msg``; raises TaskRefused or the Trainer's errors (EdgeError)."""
+        kind = _check_content(msg)
+        if kind == "query":
+            return Message(content=RecordDict({"device": self._device()}), reply_to=msg)
+        server_round, config = _fit_config(msg.content.config_records["config"])
+        weights = record_to_arrays(msg.content.array_records["arrays"])
+        if kind == "train":
+            result = self.trainer.fit(weights, config, server_round, cancelled=cancelled)
+            metrics = MetricRecord(
+                {
+                    "num-examples": int(result.num_examples),
+                    "train-loss": float(result.metrics.get("loss", 0.0)),
+                    "train-accuracy": float(result.metrics.get("accuracy", 0.0)),
+                    "train-seconds": float(result.metrics.get("seconds", 0.0)),
+                }
+            )
+            content = RecordDict(
+                {
+                    "arrays": arrays_to_record(result.weights),
+                    "metrics": metrics,
+                    "device": self._device(),
+                }
+            )
+            return Message(content=content, reply_to=msg)
+        evaluation = self.trainer.evaluate(weights, config, server_round)
+        metrics = MetricRecord(
+            {
+                "num-examples": int(evaluation.num_examples),
+                "eval-loss": float(evaluation.loss),
+                "eval-accuracy": float(evaluation.metrics.get("accuracy", 0.0)),
+            }
         )
-        reply = stub.Fit(request, timeout=FIT_DEADLINE_S)
-    finally:
-        channel.close()
-    weights = codec.tensors_from_proto(reply.weights)
-    metrics = MetricRecord(
-        {
-            "num-examples": int(reply.num_examples),
-            "train-loss": float(reply.metrics.get("loss", 0.0)),
-            "train-accuracy": float(reply.metrics.get("accuracy", 0.0)),
-            "train-seconds": float(reply.metrics.get("seconds", 0.0)),
-        }
-    )
-    content = RecordDict(
-        {"arrays": arrays_to_record(weights), "metrics": metrics, "device": _device_record(context)}
-    )
-    return Message(content=content, reply_to=msg)
-
-
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    stub, channel = _trainer(context)
-    try:
-        request = trainer_pb2.EvaluateRequest(
-            weights=codec.tensors_to_proto(record_to_arrays(msg.content.array_records["arrays"])),
-            server_round=_server_round(msg.content.config_records["config"]),
+        return Message(
+            content=RecordDict({"metrics": metrics, "device": self._device()}), reply_to=msg
         )
-        reply = stub.Evaluate(request, timeout=FIT_DEADLINE_S)
-    finally:
-        channel.close()
-    metrics = MetricRecord(
-        {
-            "num-examples": int(reply.num_examples),
-            "eval-loss": float(reply.loss),
-            "eval-accuracy": float(reply.metrics.get("accuracy", 0.0)),
-        }
-    )
-    return Message(
-        content=RecordDict({"metrics": metrics, "device": _device_record(context)}), reply_to=msg
-    )
 
 
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    """Tell the aggregator which device this node is (used to name devices in the UI)."""
-    return Message(content=RecordDict({"device": _device_record(context)}), reply_to=msg)
+#: The name the Flower App's ``clientapp`` component points at (``edge.clientapp:app``).
+#: It is the class, not a Flower ``ClientApp``: a ``flwr-clientapp`` process that loads
+#: it from a FAB fails to load it, so the per-message process path stays closed.
+app = EdgeClientApp

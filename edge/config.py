@@ -231,6 +231,8 @@ class FlowerSettings:
     """The device's SuperNode key (OpenSSH ECDSA), for SuperLinks that authenticate nodes."""
     port: int = 0
     """The SuperNode's own runtime port on loopback; 0 picks a free one."""
+    task_timeout_s: float = 600.0
+    """Seconds one round's task may run on the device before it is cancelled and refused."""
 
 
 @dataclass(frozen=True)
@@ -313,6 +315,7 @@ _RULES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("model", "keep_versions"): (lambda v: v >= 1, "must be >= 1"),
     ("flower", "port"): (lambda v: 0 <= v <= 65535, "must be in 0..65535"),
     ("metrics", "port"): (lambda v: 0 <= v <= 65535, "must be in 0..65535"),
+    ("flower", "task_timeout_s"): (lambda v: v > 0, "must be > 0"),
 }
 
 

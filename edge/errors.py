@@ -13,6 +13,10 @@ boundary and abort the call with the status code from :data:`GRPC_STATUS`::
     │   ├── DigestMismatch   bytes do not hash to the announced SHA-256  → INVALID_ARGUMENT
     │   └── StoreCorrupt     a stored version no longer verifies         → DATA_LOSS
     ├── InstallError         a release could not be installed or served  → FAILED_PRECONDITION
+    ├── TaskRefused          a Flower message the device will not execute (unapproved run,
+    │                        unknown content keys or message type)       → PERMISSION_DENIED
+    ├── TrainingCancelled    a Fit stopped between steps (task timed out, run stopped,
+    │                        device shutting down)                       → CANCELLED
     └── DataError            the local sample store failed               → INTERNAL
         ├── NoLocalData      training/evaluation with no samples stored  → FAILED_PRECONDITION
         └── NoRoomForSamples the disk budget leaves no room for samples  → RESOURCE_EXHAUSTED
@@ -95,6 +99,14 @@ class InstallError(EdgeError):
     """A release could not be installed or served; the previous version keeps serving."""
 
 
+class TaskRefused(EdgeError):
+    """A Flower message this device will not execute; nothing of it ran."""
+
+
+class TrainingCancelled(EdgeError):
+    """Training stopped between two steps; the served model and local data are untouched."""
+
+
 class DataError(EdgeError):
     """The local sample store cannot complete an operation."""
 
@@ -117,6 +129,8 @@ GRPC_STATUS: dict[type[BaseException], grpc.StatusCode] = {
     StoreCorrupt: grpc.StatusCode.DATA_LOSS,
     StoreError: grpc.StatusCode.INTERNAL,
     InstallError: grpc.StatusCode.FAILED_PRECONDITION,
+    TaskRefused: grpc.StatusCode.PERMISSION_DENIED,
+    TrainingCancelled: grpc.StatusCode.CANCELLED,
     NoLocalData: grpc.StatusCode.FAILED_PRECONDITION,
     NoRoomForSamples: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DataError: grpc.StatusCode.INTERNAL,

@@ -197,11 +197,24 @@ class SuperNode:
     root_certificates: Path | None = None
     auth_private_key: Path | None = None
     max_wait_time: float | None = None
+    #: ``subprocess`` (Flower starts a SuperExec and a ``flwr-clientapp`` per message) or
+    #: ``process`` (no SuperExec: an external executor takes the tasks, see edge.executor).
+    isolation: str = "subprocess"
+    #: Secret file (isolation ``process``): only a holder of it may ``AcquireTask``.
+    superexec_auth_secret_file: Path | None = None
+    #: SIGTERM the SuperNode when the thread that started it exits (edge.process).
+    die_with_parent: bool = False
     process: ManagedProcess | None = None
 
     @property
     def flwr_home(self) -> Path:
         return self.data_dir / "flwr-home"
+
+    @property
+    def runtime_address(self) -> str:
+        """Where an executor reaches this SuperNode's runtime API."""
+        host = connect_host(self.host)
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     def node_config_arg(self) -> str:
         parts = []
@@ -232,6 +245,10 @@ class SuperNode:
             argv += ["--node-config", self.node_config_arg()]
         if self.max_wait_time is not None:
             argv += ["--max-wait-time", str(self.max_wait_time)]
+        if self.isolation != "subprocess":
+            argv += ["--isolation", self.isolation]
+        if self.superexec_auth_secret_file is not None:
+            argv += ["--superexec-auth-secret-file", str(self.superexec_auth_secret_file)]
         return argv
 
     def start(self, *, timeout: float = 60.0) -> SuperNode:
@@ -242,6 +259,7 @@ class SuperNode:
             self.argv(),
             log_path=self.data_dir / "supernode.log",
             env={"FLWR_HOME": str(self.flwr_home), "FLWR_TELEMETRY_ENABLED": "0"},
+            die_with_parent=self.die_with_parent,
         ).start()
         try:
             self.process.wait_for_port(self.host, self.port, timeout=timeout)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+from edge.errors import TrainingCancelled
 from edge.model_card import ModelCard
 
 logger = logging.getLogger(__name__)
@@ -336,8 +337,13 @@ class LiteRTModel:
         lr: float,
         mu: float = 0.0,
         seed: int = 0,
+        cancelled: Callable[[], bool] | None = None,
     ) -> dict[str, float]:
         """Train ``epochs`` passes over ``(x, y)`` in shuffled mini-batches of ``train_batch``.
+
+        ``cancelled()`` is asked before every step; when it returns true training stops
+        with :class:`~edge.errors.TrainingCancelled` (the weights of this interpreter are
+        then half-trained: callers restore weights before the next use).
 
         Remainder policy: **wrap**. Each epoch is a fresh seeded permutation; the last,
         partial batch is filled up with examples from the start of that permutation, so
@@ -367,6 +373,8 @@ class LiteRTModel:
                 order = np.resize(order, steps_per_epoch * batch)  # wraps around the start
             loss_sum, correct, seen = 0.0, 0, 0
             for s in range(steps_per_epoch):
+                if cancelled is not None and cancelled():
+                    raise TrainingCancelled(f"training cancelled after {steps} steps")
                 idx = order[s * batch : (s + 1) * batch]
                 loss, ok = self.train_step(xs[idx], ys[idx], lr, mu)
                 loss_sum += loss

@@ -80,8 +80,14 @@ class ManagedProcess:
         log_path: Path,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        die_with_parent: bool = False,
     ) -> None:
+        """``die_with_parent``: the kernel sends the child SIGTERM when the thread that
+        started it exits (Linux ``PR_SET_PDEATHSIG``), so a SIGKILLed supervisor leaves
+        no orphan behind. Start such a child from a thread that lives as long as it should.
+        """
         self.name = name
+        self.die_with_parent = die_with_parent
         self.argv = list(argv)
         self.log_path = log_path
         self.env = tool_env(env)
@@ -108,6 +114,7 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         except FileNotFoundError as exc:
             raise ProcessError(f"cannot start {self.name}: {exc}") from exc
@@ -209,6 +216,30 @@ class ManagedProcess:
         if self.alive():
             os.kill(self.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)  # type: ignore[union-attr]
+
+
+_PR_SET_PDEATHSIG = 1
+_SIGTERM = int(signal.SIGTERM)
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: no imports, no locks, just the syscall."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, _SIGTERM, 0, 0, 0)
 
 
 def _pid_alive(pid: int) -> bool:

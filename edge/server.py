@@ -239,6 +239,45 @@ def _start_agent(settings: Settings, node: EdgeNode) -> Any | None:
     return agent
 
 
+class DeviceServices:
+    """The node, its gRPC server and (with ``[mqtt]``) its MQTT agent, started and stopped together.
+
+    What ``edgefl edge serve`` runs, and what ``edgefl edge up`` runs next to the
+    Flower executor in the same process.
+    """
+
+    def __init__(self, settings: Settings, *, only: Only | None = None) -> None:
+        self.settings = settings
+        self.server = EdgeServer(settings, only=only)
+        self.agent: Any | None = None
+
+    @property
+    def node(self) -> EdgeNode:
+        return self.server.node
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def start(self) -> DeviceServices:
+        try:
+            self.server.start()
+            self.agent = _start_agent(self.settings, self.server.node)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.agent is not None:
+            try:
+                self.agent.stop()
+            except Exception:
+                logger.exception("MQTT agent did not stop cleanly")
+            self.agent = None
+        self.server.stop()
+
+
 def serve(settings: Settings, *, only: Only | None = None) -> int:
     """Run the device services until SIGTERM/SIGINT, then shut down gracefully; exit code."""
     stop = threading.Event()
@@ -248,21 +287,14 @@ def serve(settings: Settings, *, only: Only | None = None) -> int:
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    edge_server = EdgeServer(settings, only=only)
-    agent = None
+    services = DeviceServices(settings, only=only)
     try:
-        port = edge_server.start()
-        agent = _start_agent(settings, edge_server.node)
-        print(READY_LINE.format(host=settings.grpc.host, port=port), flush=True)
+        services.start()
+        print(READY_LINE.format(host=settings.grpc.host, port=services.server.port), flush=True)
         while not stop.wait(1.0):
             pass
     finally:
-        if agent is not None:
-            try:
-                agent.stop()
-            except Exception:
-                logger.exception("MQTT agent did not stop cleanly")
-        edge_server.stop()
+        services.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0

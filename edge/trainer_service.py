@@ -182,8 +182,16 @@ class LocalTrainer:
         weights: Mapping[str, np.ndarray],
         config: Mapping[str, ConfigScalar],
         server_round: int = 0,
+        *,
+        cancelled: Callable[[], bool] | None = None,
     ) -> FitResult:
-        """Train ``weights`` on local data; raises InvalidInput/WeightMismatch/NoLocalData/ModelNotLoaded."""
+        """Train ``weights`` on local data; raises InvalidInput/WeightMismatch/NoLocalData/ModelNotLoaded.
+
+        ``cancelled()`` is asked between training steps; a true answer stops with
+        :class:`~edge.errors.TrainingCancelled`. The training interpreter then holds
+        half-trained weights, which the next Fit or Evaluate overwrites first; the
+        serving models, the model store and the local samples are never touched.
+        """
         with self._lock:
             self._busy.set()
             try:
@@ -193,7 +201,13 @@ class LocalTrainer:
                 )
                 model.set_weights(weights)
                 metrics = model.fit(
-                    x, y, epochs=cfg.epochs, lr=cfg.learning_rate, mu=cfg.proximal_mu, seed=cfg.seed
+                    x,
+                    y,
+                    epochs=cfg.epochs,
+                    lr=cfg.learning_rate,
+                    mu=cfg.proximal_mu,
+                    seed=cfg.seed,
+                    cancelled=cancelled,
                 )
                 new_weights = model.get_weights()
             finally:
