@@ -1,10 +1,10 @@
 """End to end: a device whose training outlasts the round timeout is dropped, the run goes on.
 
 Real Mosquitto, SuperLink, registry, web UI, SuperNodes, edge services and MQTT agents,
-all on loopback. The slow device is made slow for real: its ``edgefl edge serve``
-process (the Trainer its ClientApp calls) is frozen with SIGSTOP from the end of
-round 1 to the end of round 2, so its round-2 Fit cannot answer within the round
-timeout; SIGCONT then lets it finish and catch up.
+all on loopback. The slow device is made slow for real: its ``edgefl edge up``
+process (the executor and the Trainer it calls; its SuperNode child stays up) is frozen
+with SIGSTOP from the end of round 1 to the end of round 2, so its round-2 Fit cannot
+answer within the round timeout; SIGCONT then lets it finish and catch up.
 """
 
 from __future__ import annotations
@@ -26,15 +26,11 @@ pytestmark = pytest.mark.slow
 ROUND_TIMEOUT_S = 20.0
 
 
-def serve_process(up_pid: int) -> psutil.Process:
-    """The ``edge serve`` child of the ``edgefl edge up`` process ``up_pid``."""
-    for child in psutil.Process(up_pid).children(recursive=True):
-        try:
-            if "edge serve" in " ".join(child.cmdline()):
-                return child
-        except psutil.Error:
-            continue
-    raise AssertionError(f"no 'edge serve' process under pid {up_pid}")
+def trainer_process(up_pid: int) -> psutil.Process:
+    """The process that trains: ``edgefl edge up`` itself (executor + Trainer in one)."""
+    process = psutil.Process(up_pid)
+    assert "edge up" in " ".join(process.cmdline()), process.cmdline()
+    return process
 
 
 def wait_round_finished(stack, round_: int, timeout: float) -> None:
@@ -62,7 +58,7 @@ def test_a_device_slower_than_the_round_timeout_is_dropped_and_the_run_goes_on(
     addresses = {d.name: d.address for d in fleet.devices}
     victim = fleet.devices[0]
     assert victim.process is not None
-    serve = serve_process(victim.process.pid)
+    serve = trainer_process(victim.process.pid)
     stack.submit_run()
 
     # Freeze the victim's Trainer as round 1 ends: its round-2 Fit hangs past the timeout.
