@@ -382,8 +382,12 @@ class CloudStack:
 
     # -- runs ------------------------------------------------------------------------------
 
-    def submit_run(self) -> str:
-        """Submit the edgefl Flower App to the SuperLink; returns Flower's run id."""
+    def submit_run(self, *, app_dir: Path | None = None) -> str:
+        """Submit the edgefl Flower App (or ``app_dir``) to the SuperLink and approve the run.
+
+        Returns Flower's run id. ``app_dir`` exists for the benchmark of the old device
+        design (``benchmarks/legacy_flower_app``).
+        """
         if self.superlink is None:
             raise CloudError("the SuperLink is not running")
         run_config = f'cloud-config="{self.runtime_path}"'
@@ -391,7 +395,7 @@ class CloudStack:
             run_config += f" num-rounds={self.num_rounds}"
         res = self.superlink.flwr(
             "run",
-            str(APP_DIR),
+            str(app_dir or APP_DIR),
             "edgefl",
             "--run-config",
             run_config,
