@@ -112,7 +112,9 @@ class Sampler:
                 seen.add(proc.pid)
                 try:
                     total += proc.memory_info().rss
-                    device.names.add(Path(proc.cmdline()[1] if len(proc.cmdline()) > 1 else proc.name()).name)
+                    device.names.add(
+                        Path(proc.cmdline()[1] if len(proc.cmdline()) > 1 else proc.name()).name
+                    )
                 except (psutil.Error, IndexError):
                     continue
         return total
@@ -236,7 +238,15 @@ def run_design(design: str, sizes: Sizes, model_dir: Path, work: Path) -> Design
                 serve_log = device.config.parent / "logs" / "serve.log"
                 serve = ManagedProcess(
                     f"legacy serve {device.name}",
-                    [sys.executable, "-m", "edge.cli", "edge", "serve", "--config", str(device.config)],
+                    [
+                        sys.executable,
+                        "-m",
+                        "edge.cli",
+                        "edge",
+                        "serve",
+                        "--config",
+                        str(device.config),
+                    ],
                     log_path=serve_log,
                 )
                 node = SuperNode(
@@ -321,7 +331,9 @@ def _train_replies(design: Design, sizes: Sizes) -> list[float]:
     return out
 
 
-def build_report(sizes: Sizes, quick: bool, new: Design, old: Design, machine: dict[str, Any]) -> Report:
+def build_report(
+    sizes: Sizes, quick: bool, new: Design, old: Design, machine: dict[str, Any]
+) -> Report:
     report = Report(
         name="device",
         title="Device runtime: one warm process next to the per-message ClientApp design (issue 16)",
@@ -385,8 +397,11 @@ def build_report(sizes: Sizes, quick: bool, new: Design, old: Design, machine: d
         "old": dataclasses.asdict(old),
     }
     report.notes += [
-        "Processes seen under a device, new design: " + ", ".join(new.processes) + "; old: "
-        + ", ".join(old.processes) + ".",
+        "Processes seen under a device, new design: "
+        + ", ".join(new.processes)
+        + "; old: "
+        + ", ".join(old.processes)
+        + ".",
         "Receive→reply per TRAIN message, new: "
         + ", ".join(f"{s:.2f}" for s in train_new)
         + " s; old: "

@@ -6,7 +6,8 @@ Each benchmark runs in its own Python process (the inference benchmark imports
 tritonclient, whose protos clash with ours, and separate processes keep one
 benchmark's memory and threads out of the next one's figures). A benchmark that fails
 is reported in RESULTS.md with the tail of its output, the others still run, and the
-exit code is 1.
+exit code is 1. With ``--only``, the other benchmarks keep their last report from
+``out/<name>.json`` in RESULTS.md (each shows the date of its own run).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ BENCHMARKS: dict[str, str] = {
     "learning": "benchmarks.bench_learning",
     "soak": "benchmarks.bench_soak",
     "rounds": "benchmarks.bench_rounds",
+    "device": "benchmarks.bench_device",
 }
 """Output name → module; each module writes ``<out>/<name>.json``."""
 
@@ -130,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures: dict[str, str] = {}
     for name, module in BENCHMARKS.items():
         if args.only and name not in args.only:
+            # Not run now: keep its last report (it carries its own run date).
+            previous = args.out / f"{name}.json"
+            if previous.is_file() and not args.quick:
+                reports[name] = load_report(previous)
             continue
         print(f"running {name} ({module}) ...", flush=True)
         code, output, seconds = run_one(module, args.quick, args.out)

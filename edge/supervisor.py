@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge.errors import ConfigError
-from edge.flower_node import SuperNode
+from edge.flower_node import FlowerError, SuperNode
+from edge.process import free_port
 
 if TYPE_CHECKING:
     from edge.executor import TaskExecutor, Trust
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 300.0
+#: Tries at a free runtime port for the SuperNode (``[flower] port = 0``).
+PORT_ATTEMPTS = 3
 READY_LINE = "edgefl edge up: device {device} serving on {address}"
 
 
@@ -120,6 +123,7 @@ class DeviceSupervisor:
             **options,  # type: ignore[arg-type]
         )
         assert self.services is not None
+        self._start_node(fixed_port=bool(flower.port))
         app = EdgeClientApp(self.services.node.trainer, self.settings.device.id)
         self.executor = TaskExecutor(
             self.node.runtime_address,
@@ -128,7 +132,6 @@ class DeviceSupervisor:
             auth_secret=secret,
             task_timeout_s=flower.task_timeout_s,
         )
-        self.node.start()
         self.executor.start()
         logger.info(
             "device %s: SuperNode (pid %d) connected towards %s",
@@ -136,6 +139,23 @@ class DeviceSupervisor:
             self.node.process.pid,  # type: ignore[union-attr]
             flower.superlink,
         )
+
+    def _start_node(self, *, fixed_port: bool) -> None:
+        """Start the SuperNode; a free port taken by someone else meanwhile gets another try."""
+        assert self.node is not None
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                self.node.start()
+                return
+            except FlowerError as exc:
+                if (
+                    fixed_port
+                    or attempt == PORT_ATTEMPTS
+                    or "address already in use" not in str(exc)
+                ):
+                    raise
+                logger.warning("runtime port %d was taken; trying another", self.node.port)
+                self.node.port = free_port()
 
     def start(self) -> DeviceSupervisor:
         from edge.server import DeviceServices
