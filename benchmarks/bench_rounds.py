@@ -245,7 +245,7 @@ def run_ours(sizes: Sizes, model_dir: Path, work: Path) -> Federation:
             fleet=settings.cloud.fleet,
             broker_host=connect_host(settings.broker.host),
             broker_port=stack.runtime_settings.broker.port,
-            superlink=stack.superlink.address,  # type: ignore[union-attr]
+            superlink=stack.fleet_address,
             signing_public_key=settings.signing.public_key,
             initial_package=settings.data_dir / "initial.pkg",
             card_json=(settings.model.dir / "card.json").read_text(),

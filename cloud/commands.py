@@ -135,7 +135,8 @@ def serve(stack: Any, args: argparse.Namespace) -> int:
         print(
             f"edgefl cloud up: broker {settings.broker.host}:{stack.runtime_settings.broker.port}"
         )
-        print(f"edgefl cloud up: SuperLink {stack.superlink.address}")  # type: ignore[union-attr]
+        print(f"edgefl cloud up: fleet port (SuperLink Fleet API) {stack.fleet_address}")
+        print(f"edgefl cloud up: operator path (SuperLink) {stack.superlink.address}")  # type: ignore[union-attr]
         print(f"edgefl cloud up: web UI {stack.web.url}", flush=True)
         if args.no_run:
             print("edgefl cloud up: no run submitted (--no-run); press Ctrl-C to stop", flush=True)

@@ -53,6 +53,20 @@ class SuperLinkSection:
 
 
 @dataclass
+class ProxySection:
+    #: Put nginx in front of the SuperLink: superlink.host:superlink.port (the fleet port)
+    #: then serves only the Fleet API, and the SuperLink with its Control API listens on
+    #: loopback only. Turning it off keeps the SuperLink on loopback (cloud up refuses a
+    #: non-loopback superlink.host without the proxy).
+    enabled: bool = True
+    #: The SuperLink's own loopback port behind the proxy (0 picks a free port at start,
+    #: written to data_dir/superlink.port).
+    superlink_port: int = 0
+    #: Largest request body the proxy forwards, in MiB (Fleet messages carry weights).
+    max_body_mb: int = 256
+
+
+@dataclass
 class BrokerSection:
     #: Start and supervise a Mosquitto broker; false means use an existing one.
     managed: bool = True
@@ -121,6 +135,7 @@ class RunSection:
 class CloudSettings:
     cloud: CloudSection = field(default_factory=CloudSection)
     superlink: SuperLinkSection = field(default_factory=SuperLinkSection)
+    proxy: ProxySection = field(default_factory=ProxySection)
     broker: BrokerSection = field(default_factory=BrokerSection)
     registry: RegistrySection = field(default_factory=RegistrySection)
     web: WebSection = field(default_factory=WebSection)
@@ -156,6 +171,14 @@ class CloudSettings:
             problems.append("run.chunk_size must be between 1 KiB and 64 MiB")
         if self.run.evaluation not in ("digits", "none"):
             problems.append("run.evaluation must be 'digits' or 'none'")
+        if not self.proxy.enabled and self.superlink.host not in LOOPBACK_HOSTS:
+            problems.append(
+                f"superlink.host {self.superlink.host!r} without [proxy] would open the "
+                "SuperLink's Control API (runs, SuperNode registration) to the network: "
+                "set proxy.enabled = true, or keep superlink.host on loopback"
+            )
+        if self.proxy.max_body_mb < 1:
+            problems.append("proxy.max_body_mb must be at least 1")
         if self.superlink.supernode_auth and self.superlink.certfile is None:
             problems.append("superlink.supernode_auth needs TLS (superlink.certfile/keyfile)")
         from protos.topics import TopicError, check_name
@@ -169,6 +192,8 @@ class CloudSettings:
 
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian")
+#: Hosts that only this machine reaches.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(CloudSettings) if f.name != "source"}
 

@@ -1,9 +1,15 @@
 """``edgefl cloud up``: the broker, the SuperLink, the registry, the UI and the run.
 
 One :class:`CloudStack` starts everything the aggregator needs, in order, writes the
-ports it picked to ``data_dir`` (``broker/port``, ``superlink.port``, ``web.url``) and
-a resolved settings file (``runtime.toml``) that the ServerApp reads, submits the
-federated run to the SuperLink, and stops everything again, children by PID.
+ports it picked to ``data_dir`` (``broker/port``, ``superlink.port``, ``proxy/port``,
+``web.url``) and a resolved settings file (``runtime.toml``) that the ServerApp reads,
+submits the federated run to the SuperLink, and stops everything again, children by PID.
+
+With ``[proxy]`` on (the default) the SuperLink listens on loopback only
+(``superlink.port`` is that port: the operator's path for ``flwr`` calls) and nginx
+(:mod:`cloud.proxy`) serves the Fleet API on the fleet address devices know
+(``superlink.host:superlink.port`` in the settings). Requests the proxy refuses are
+recorded as registry events (``fleet-proxy`` / ``control_refused``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from cloud import config as cloud_config
 from cloud.broker import Broker, BrokerConfig
 from cloud.cloud_lock import CloudLock
 from cloud.config import CloudSettings
+from cloud.proxy import FleetProxy
 from cloud.ports import check_port_free
 from cloud.supervision import RestartPolicy, SupervisedPart, Watchdog, interrupts_ignored
 from edge.flower_node import FlowerError, SuperLink, SuperLinkTLS
@@ -35,6 +42,11 @@ logger = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parent / "flower_app"
 #: The ``device_id`` of events the cloud records about its own parts (restarts).
 CLOUD_EVENT_SOURCE = "cloud"
+#: Event source and kind under which requests the fleet proxy refused are recorded.
+PROXY_EVENT_SOURCE = "fleet-proxy"
+REFUSED_EVENT_KIND = "control_refused"
+#: Seconds between reads of the proxy's access log.
+REFUSAL_POLL_S = 2.0
 
 
 class CloudError(RuntimeError):
@@ -76,6 +88,7 @@ START_PHASES = (
     "broker-ready",
     "superlink",
     "superlink-ready",
+    "proxy",
     "registry",
     "monitor",
     "web",
@@ -105,6 +118,9 @@ class CloudStack:
         self.on_phase = on_phase
         self.broker: Broker | None = None
         self.superlink: SuperLink | None = None
+        self.proxy: FleetProxy | None = None
+        self._stopping = threading.Event()
+        self._refusal_watch: threading.Thread | None = None
         self.web: Any = None
         self.monitor: Any = None
         self.registry: Any = None
@@ -169,14 +185,20 @@ class CloudStack:
         tls = None
         if s.superlink.certfile is not None:
             tls = SuperLinkTLS(s.superlink.certfile, s.superlink.keyfile, s.superlink.ca_certfile)  # type: ignore[arg-type]
-        superlink_port = s.superlink.port or free_port(s.superlink.host)
+        fleet_port = s.superlink.port or free_port(s.superlink.host)
+        if s.proxy.enabled:
+            # The SuperLink (Control, Fleet and Runtime APIs) on loopback; the fleet port
+            # is nginx's and forwards only the Fleet API (cloud/proxy.py).
+            link_host, link_port = "127.0.0.1", s.proxy.superlink_port or free_port()
+        else:
+            link_host, link_port = s.superlink.host, fleet_port
         self._phase("superlink")
-        check_port_free(s.superlink.host, superlink_port, what="SuperLink")
+        check_port_free(link_host, link_port, what="SuperLink")
         # Assigned before it starts, so an interruption while it comes up still stops it.
         self.superlink = SuperLink(
             data_dir=self.data_dir / "superlink",
-            host=s.superlink.host,
-            port=superlink_port,
+            host=link_host,
+            port=link_port,
             tls=tls,
             enable_supernode_auth=s.superlink.supernode_auth,
         )
@@ -184,11 +206,16 @@ class CloudStack:
         (self.data_dir / "superlink.port").write_text(str(self.superlink.port))
         self.lock.update(superlink=self.superlink.address)
         self._phase("superlink-ready")
+        if s.proxy.enabled:
+            self._phase("proxy")
+            check_port_free(s.superlink.host, fleet_port, what="fleet proxy")
+            self._start_proxy(fleet_port)
 
         self.runtime_settings = dataclasses.replace(
             s,
             broker=dataclasses.replace(s.broker, port=broker_port),
-            superlink=dataclasses.replace(s.superlink, port=self.superlink.port),
+            superlink=dataclasses.replace(s.superlink, port=fleet_port),
+            proxy=dataclasses.replace(s.proxy, superlink_port=self.superlink.port),
         )
         runtime = self.data_dir / "runtime.toml"
         runtime.write_text(cloud_config.to_toml(self.runtime_settings))
@@ -203,6 +230,11 @@ class CloudStack:
         self.lock.update(web=self.web.url)
         self._phase("supervising")
         self._supervise_own_parts()
+        if self.proxy is not None:
+            self._refusal_watch = threading.Thread(
+                target=self._watch_refusals, name="proxy-refusals", daemon=True
+            )
+            self._refusal_watch.start()
         self.lock.update(phase="running")
 
     def _start_broker(self) -> None:
@@ -219,6 +251,63 @@ class CloudStack:
         link.start()
         if self.settings.superlink.supernode_auth:
             self._sync_supernodes()
+
+    def _start_proxy(self, fleet_port: int) -> None:
+        from cloud.proxy import ProxyConfig
+
+        s = self.settings
+        link = self.superlink
+        assert link is not None
+        # Assigned before it starts, so an interruption while it comes up still stops it.
+        self.proxy = FleetProxy(
+            ProxyConfig(
+                listen_port=fleet_port,
+                upstream_port=link.port,
+                listen_host=s.superlink.host,
+                data_dir=self.data_dir / "proxy",
+                certfile=s.superlink.certfile,
+                keyfile=s.superlink.keyfile,
+                upstream_ca=s.superlink.ca_certfile,
+                max_body_mb=s.proxy.max_body_mb,
+            )
+        )
+        self.proxy.start()
+        (self.data_dir / "proxy" / "port").write_text(str(fleet_port))
+        self.lock.update(fleet=self.proxy.address)
+
+    @property
+    def fleet_address(self) -> str:
+        """Where devices on this host reach the SuperLink's Fleet API (the proxy, if on)."""
+        if self.proxy is not None:
+            return self.proxy.address
+        assert self.superlink is not None, "the cloud is not started"
+        return self.superlink.address
+
+    def record_refusals(self) -> int:
+        """Record requests the proxy refused since the last call as registry events."""
+        if self.proxy is None or self.registry is None:
+            return 0
+        from protos.codec import DeviceEvent
+
+        refused = self.proxy.refusals()
+        for r in refused:
+            logger.warning("fleet port: %s", r.describe())
+            self.registry.record_event(
+                DeviceEvent(
+                    device_id=PROXY_EVENT_SOURCE,
+                    timestamp_ms=int(time.time() * 1000),
+                    kind=REFUSED_EVENT_KIND,
+                    detail=r.describe(),
+                )
+            )
+        return len(refused)
+
+    def _watch_refusals(self) -> None:
+        while not self._stopping.wait(REFUSAL_POLL_S):
+            try:
+                self.record_refusals()
+            except Exception:
+                logger.exception("could not record the proxy's refused requests")
 
     # -- supervision -----------------------------------------------------------------------
 
@@ -248,6 +337,16 @@ class CloudStack:
                 after_restart=[self.resubmit_after_restart],
             )
         )
+        proxy = self.proxy
+        if proxy is not None:
+            self.supervise(
+                SupervisedPart(
+                    "fleet proxy",
+                    alive=proxy.alive,
+                    restart=proxy.restart,
+                    describe_exit=lambda: _exit_text(proxy.process),
+                )
+            )
         web = self.web
         self.supervise(
             SupervisedPart(
@@ -493,12 +592,17 @@ class CloudStack:
         """Stop every part started so far (children by PID), then release the data dir."""
         with interrupts_ignored():
             self.watchdog.stop()
+            self._stopping.set()
+            if self._refusal_watch is not None:
+                self._refusal_watch.join(timeout=10)
             for name, part in (("web", self.web), ("monitor", self.monitor)):
                 if part is not None:
                     try:
                         part.stop()
                     except Exception:
                         logger.exception("stopping the %s failed", name)
+            if self.proxy is not None:
+                self.proxy.stop()
             if self.superlink is not None:
                 self.superlink.stop()
             if self.broker is not None:

@@ -115,6 +115,29 @@ def check_mosquitto(role: str) -> Check:
         return Check("mosquitto", "warning", str(exc), "reinstall mosquitto", required)
 
 
+def check_proxy(role: str, data_dir: Path) -> Check:
+    """nginx, which the cloud puts in front of the SuperLink (cloud/proxy.py)."""
+    required = role == "cloud"
+    fix = "sudo apt-get install nginx (the cloud's fleet port runs through it)"
+    binary = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None
+    )
+    if binary is None:
+        if not required:
+            return Check("nginx (fleet proxy)", "ok", "not needed on a device", required=False)
+        return Check("nginx (fleet proxy)", "missing", "proxy binary not found", fix, required)
+    from cloud.proxy import ProxyError, nginx_version, running_proxy
+
+    try:
+        detail = f"{nginx_version(binary)} ({binary})"
+    except (ProxyError, OSError) as exc:
+        return Check("nginx (fleet proxy)", "warning", str(exc), "reinstall nginx", required)
+    running = running_proxy(data_dir)
+    if running is not None:
+        detail += f"; running: {running}"
+    return Check("nginx (fleet proxy)", "ok", detail, "", required)
+
+
 def check_flower_cli() -> Check:
     bindir = Path(sys.executable).parent
     missing = [
@@ -239,11 +262,16 @@ def run_checks(role: str, data_dir: Path) -> list[Check]:
             required=True,
         ),
         check_litert(),
-        _module_check("paho-mqtt", "paho.mqtt.client", "pip install 'edgefl-fleet[edge]'", required=True),
-        _module_check("cryptography", "cryptography", "pip install 'edgefl-fleet[edge]'", required=True),
+        _module_check(
+            "paho-mqtt", "paho.mqtt.client", "pip install 'edgefl-fleet[edge]'", required=True
+        ),
+        _module_check(
+            "cryptography", "cryptography", "pip install 'edgefl-fleet[edge]'", required=True
+        ),
         _module_check("flwr", "flwr", "pip install 'edgefl-fleet[edge]'", required=True),
         check_flower_cli(),
         check_mosquitto(role),
+        check_proxy(role, data_dir),
         _module_check(
             "tensorflow",
             "tensorflow",
@@ -259,7 +287,9 @@ def run_checks(role: str, data_dir: Path) -> list[Check]:
             required=False,
         ),
         _module_check("fastapi", "fastapi", "pip install 'edgefl-fleet[cloud]'", required=cloud),
-        _module_check("sqlalchemy", "sqlalchemy", "pip install 'edgefl-fleet[cloud]'", required=cloud),
+        _module_check(
+            "sqlalchemy", "sqlalchemy", "pip install 'edgefl-fleet[cloud]'", required=cloud
+        ),
         check_disk(data_dir),
     ]
     return checks

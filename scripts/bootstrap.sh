@@ -35,6 +35,11 @@ if [ "${EDGEFL_WITH_POSTGRES:-0}" = "1" ] && ! compgen -G "/usr/lib/postgresql/*
   && ! command -v initdb >/dev/null; then
   need_pkgs+=(postgresql)
 fi
+# The cloud's fleet port runs through nginx (cloud/proxy.py); like Mosquitto, edgefl
+# starts its own instance with a generated configuration, not the distribution's service.
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  need_pkgs+=(nginx)
+fi
 if [ "${EDGEFL_WITH_BROWSER:-0}" = "1" ] && [ ! -x /usr/bin/chromium ]; then
   need_pkgs+=(chromium)
 fi
