@@ -31,8 +31,8 @@ from cloud import config as cloud_config
 from cloud.broker import Broker, BrokerConfig
 from cloud.cloud_lock import CloudLock
 from cloud.config import CloudSettings
-from cloud.proxy import FleetProxy
 from cloud.ports import check_port_free
+from cloud.proxy import FleetProxy
 from cloud.supervision import RestartPolicy, SupervisedPart, Watchdog, interrupts_ignored
 from edge.flower_node import FlowerError, SuperLink, SuperLinkTLS
 from edge.process import ManagedProcess, connect_host, free_port

@@ -77,6 +77,7 @@ POINTS: list[tuple[str, str | None]] = [
     ("broker-ready", None),
     ("superlink", "flower-superlink"),
     ("superlink", "flower-superexec"),
+    ("proxy", "nginx"),
     ("monitor", None),
     ("supervising", None),
 ]
