@@ -1,6 +1,10 @@
 """Run every benchmark and rewrite ``benchmarks/RESULTS.md`` and ``benchmarks/out/*.json``.
 
-``python -m benchmarks.run_all [--quick] [--only inference fanout]``
+``python -m benchmarks.run_all [--quick] [--only inference fanout] [--note TEXT]``
+
+With ``--only``, the other benchmarks' reports already in ``--out`` (from an earlier
+run) stay in RESULTS.md with their own dates; ``--note`` adds a sentence under the
+header (e.g. that the machine was shared during the run).
 
 Each benchmark runs in its own Python process (the inference benchmark imports
 tritonclient, whose protos clash with ours, and separate processes keep one
@@ -38,6 +42,7 @@ BENCHMARKS: dict[str, str] = {
     "soak": "benchmarks.bench_soak",
     "rounds": "benchmarks.bench_rounds",
     "device": "benchmarks.bench_device",
+    "telemetry": "benchmarks.bench_telemetry",
 }
 """Output name → module; each module writes ``<out>/<name>.json``."""
 
@@ -73,7 +78,11 @@ def run_one(module: str, quick: bool, out_dir: Path) -> tuple[int, str, float]:
 
 
 def render(
-    reports: dict[str, Report], failures: dict[str, str], quick: bool, machine: dict[str, object]
+    reports: dict[str, Report],
+    failures: dict[str, str],
+    quick: bool,
+    machine: dict[str, object],
+    notes: Sequence[str] = (),
 ) -> str:
     """The whole RESULTS.md."""
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -90,6 +99,7 @@ def render(
             "**Quick run: tiny sizes that check the harness; the figures are not representative.**",
             "",
         ]
+    lines += [*[f"**{note}**" for note in notes], *([""] if notes else [])]
     lines += [
         f"Machine: {machine_line(machine)}.",  # type: ignore[arg-type]
         "",
@@ -125,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="directory for the JSON")
     parser.add_argument("--results", type=Path, default=RESULTS_PATH, help="Markdown to write")
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run just these")
+    parser.add_argument("--note", action="append", default=[], help="a sentence for the header")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
@@ -147,7 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             failures[name] = f"exit code {code}\n{output}"
             print(f"  FAILED (exit code {code}) after {seconds:.0f} s", flush=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(render(reports, failures, args.quick, machine), encoding="utf-8")
+    args.results.write_text(
+        render(reports, failures, args.quick, machine, args.note), encoding="utf-8"
+    )
     print(f"wrote {args.results}", flush=True)
     return 1 if failures else 0
 

@@ -49,6 +49,11 @@ _T = TypeVar("_T")
 EVENT_HISTORY = 1000
 #: Most messages the worker takes off the queue for one batch of callbacks.
 MAX_BATCH = 1000
+#: Seconds the worker keeps collecting after a batch's first message. A registry write
+#: costs about a millisecond per transaction whatever its size: taking messages one by
+#: one as they trickle in spent ~0.5 ms of CPU per status and kept paho's network thread
+#: from the GIL; collecting for a moment makes batches of hundreds at 2,000 statuses/s.
+BATCH_WAIT_S = 0.05
 
 _STOP = ("", b"")
 
@@ -166,9 +171,15 @@ class FleetMonitor:
     def _work(self) -> None:
         while True:
             batch = [self._inbox.get()]
-            while len(batch) < MAX_BATCH:
+            deadline = time.monotonic() + BATCH_WAIT_S
+            while len(batch) < MAX_BATCH and batch[-1] != _STOP:
+                remaining = deadline - time.monotonic()
                 try:
-                    batch.append(self._inbox.get_nowait())
+                    batch.append(
+                        self._inbox.get(timeout=remaining)
+                        if remaining > 0
+                        else self._inbox.get_nowait()
+                    )
                 except queue.Empty:
                     break
             stop = _STOP in batch
