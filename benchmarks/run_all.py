@@ -2,9 +2,7 @@
 
 ``python -m benchmarks.run_all [--quick] [--only inference fanout] [--note TEXT]``
 
-With ``--only``, the other benchmarks' reports already in ``--out`` (from an earlier
-run) stay in RESULTS.md with their own dates; ``--note`` adds a sentence under the
-header (e.g. that the machine was shared during the run).
+``--note`` adds a sentence under the header (e.g. that the machine was shared).
 
 Each benchmark runs in its own Python process (the inference benchmark imports
 tritonclient, whose protos clash with ours, and separate processes keep one
