@@ -1,8 +1,8 @@
 """``edgefl edge ...`` commands: ``serve`` and ``data load-digits``.
 
 ``edgefl edge data load-digits`` loads one partition of the digits training set into
-a device. It talks to the device's **running** LocalData service (address from
-``[grpc] host`` and ``data_dir/grpc.port``), replacing nothing: the samples are
+a device. It talks to the device's **running** LocalData service (its local socket,
+``data_dir/run/local.sock``, so it must run as the device's user), replacing nothing: the samples are
 appended, so run ``--clear`` first for a fresh partition. With ``--direct`` it writes
 the sample store on disk instead, which is only safe while the device is stopped; the
 sample shape then comes from the stored model's card.
@@ -162,14 +162,10 @@ def _load_via_grpc(settings: Any, index: int, count: int, args: argparse.Namespa
     from protos import codec
     from protos.edgefl.v1 import local_data_pb2, local_data_pb2_grpc
 
-    try:
-        port = int(settings.port_file.read_text().strip())
-    except (OSError, ValueError) as exc:
-        raise RuntimeError(
-            f"no running device found ({settings.port_file}: {exc}); start it or use --direct"
-        ) from exc
-    host = settings.grpc.host
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    sock = settings.local_socket
+    if not sock.exists():
+        raise RuntimeError(f"no running device found (no socket {sock}); start it or use --direct")
+    address = f"unix:{sock.resolve()}"
     with grpc.insecure_channel(address) as channel:
         stub = local_data_pb2_grpc.LocalDataStub(channel)
         try:

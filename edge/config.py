@@ -268,6 +268,11 @@ class Settings:
         return self.device.data_dir / "grpc.port"
 
     @property
+    def local_socket(self) -> Path:
+        """Unix socket of the state-changing services (Trainer, LocalData): owner only."""
+        return self.device.data_dir / "run" / "local.sock"
+
+    @property
     def metrics_port_file(self) -> Path:
         """File the bound port of the ``/metrics`` endpoint is written to."""
         return self.device.data_dir / "metrics.port"

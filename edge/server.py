@@ -1,7 +1,17 @@
-"""The device's gRPC server: Inference, Trainer, LocalData, health and reflection.
+"""The device's gRPC servers: Inference, Trainer, LocalData, health and reflection.
 
-:func:`build_server` creates a ``grpc.Server`` for an :class:`~edge.node.EdgeNode` and
-binds it (port 0 picks a free port); :class:`EdgeServer` adds the lifecycle: start,
+Two servers, because they face different callers:
+
+* :func:`build_server`: **TCP** on ``[grpc] host:port`` (port 0 picks a free port):
+  ``inference.GRPCInferenceService``, health, reflection. Inference changes nothing,
+  so any client that reaches the port may call it.
+* :func:`build_local_server`: a **Unix socket**, ``<data_dir>/run/local.sock``, in a
+  directory of mode 0700, socket mode 0600: ``edgefl.v1.Trainer`` and
+  ``edgefl.v1.LocalData`` (which write and clear samples and run training), health,
+  reflection. Only processes of the device's own OS user can connect; these services
+  have no TCP form at all, so no bind address, loopback or not, exposes them.
+
+:class:`EdgeServer` adds the lifecycle: start,
 write ``data_dir/grpc.port``, and a graceful stop: every health status goes
 NOT_SERVING, new calls are still answered for ``drain_delay_s`` so watchers notice,
 then the server stops accepting and in-flight calls get ``grace_s`` to finish.
@@ -24,7 +34,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -61,21 +73,10 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def build_server(
-    node: EdgeNode,
-    settings: Settings,
-    *,
-    only: Only | None = None,
-    health_servicer: health.HealthServicer | None = None,
-) -> tuple[grpc.Server, int]:
-    """Create and bind (not start) the server for ``node``; returns it and the bound port.
-
-    Pass ``health_servicer`` to keep a handle on health statuses (one is created
-    otherwise). Raises ``RuntimeError`` when the address cannot be bound.
-    """
+def _new_server(node: EdgeNode, settings: Settings) -> grpc.Server:
     cfg = settings.grpc
     workers = max(8, cfg.serving_threads + 6)
-    server = grpc.server(
+    return grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edgefl-grpc"),
         interceptors=[node.metrics.interceptor()],
         options=[
@@ -84,25 +85,11 @@ def build_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    names: list[str] = []
-    if only in (None, "inference"):
-        inference_service.add_to_server(
-            inference_service.InferenceServicer(node.serving, settings.model.name, cfg.max_batch),
-            server,
-        )
-        names.append(inference_service.SERVICE_NAME)
-    if only in (None, "trainer"):
-        trainer_pb2_grpc.add_TrainerServicer_to_server(
-            trainer_service.TrainerServicer(node.trainer, settings.model.name), server
-        )
-        names.append(trainer_service.SERVICE_NAME)
-    if only in (None, "data"):
-        local_data_pb2_grpc.add_LocalDataServicer_to_server(
-            local_data_service.LocalDataServicer(node.data), server
-        )
-        names.append(local_data_service.SERVICE_NAME)
 
-    hs = health_servicer or health.HealthServicer()
+
+def _add_health_and_reflection(
+    server: grpc.Server, node: EdgeNode, names: list[str], hs: health.HealthServicer
+) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     serving_status = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -120,6 +107,33 @@ def build_server(
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
+
+
+def build_server(
+    node: EdgeNode,
+    settings: Settings,
+    *,
+    only: Only | None = None,
+    health_servicer: health.HealthServicer | None = None,
+) -> tuple[grpc.Server, int]:
+    """Create and bind (not start) the **TCP** server for ``node``; returns it and its port.
+
+    It carries inference (unless ``only`` names another service), health and
+    reflection; never Trainer or LocalData, which change the device's state and live
+    on the local socket (:func:`build_local_server`). Pass ``health_servicer`` to keep
+    a handle on health statuses. Raises :class:`BindError` when the address cannot
+    be bound.
+    """
+    cfg = settings.grpc
+    server = _new_server(node, settings)
+    names: list[str] = []
+    if only in (None, "inference"):
+        inference_service.add_to_server(
+            inference_service.InferenceServicer(node.serving, settings.model.name, cfg.max_batch),
+            server,
+        )
+        names.append(inference_service.SERVICE_NAME)
+    _add_health_and_reflection(server, node, names, health_servicer or health.HealthServicer())
     try:
         port = server.add_insecure_port(_address(cfg.host, cfg.port))
     except RuntimeError as exc:  # grpcio raises on a port in use
@@ -134,6 +148,64 @@ def build_server(
     return server, port
 
 
+def prepare_socket_dir(path: Path) -> None:
+    """Create the local socket's directory with mode 0700 (owner only), fixing its mode.
+
+    Connecting to a Unix socket needs search permission on its directory, so this one
+    mode keeps every other OS user out, whatever the modes of the directories above.
+    Refuses a directory owned by another user (it could hold a planted socket).
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise BindError(f"{path} is not a directory owned by this user; refusing to use it")
+    os.chmod(path, 0o700)
+
+
+def build_local_server(
+    node: EdgeNode,
+    settings: Settings,
+    *,
+    only: Only | None = None,
+    health_servicer: health.HealthServicer | None = None,
+) -> tuple[grpc.Server, str]:
+    """Create and bind (not start) the **local** server: Trainer and LocalData on a Unix socket.
+
+    The socket is ``settings.local_socket`` (``<data_dir>/run/local.sock``) in a
+    directory of mode 0700, and the socket itself gets mode 0600 once bound: only the
+    device's own user (its processes) can connect. There is no TCP form of these
+    services, so no network peer can reach them. Returns the server and the gRPC
+    target (``unix:/abs/path``).
+    """
+    sock = settings.local_socket.resolve()
+    prepare_socket_dir(sock.parent)
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()  # a stale socket of a previous run (the directory is ours alone)
+    server = _new_server(node, settings)
+    names: list[str] = []
+    if only in (None, "trainer"):
+        trainer_pb2_grpc.add_TrainerServicer_to_server(
+            trainer_service.TrainerServicer(node.trainer, settings.model.name), server
+        )
+        names.append(trainer_service.SERVICE_NAME)
+    if only in (None, "data"):
+        local_data_pb2_grpc.add_LocalDataServicer_to_server(
+            local_data_service.LocalDataServicer(node.data), server
+        )
+        names.append(local_data_service.SERVICE_NAME)
+    _add_health_and_reflection(server, node, names, health_servicer or health.HealthServicer())
+    target = f"unix:{sock}"
+    try:
+        bound = server.add_insecure_port(target)
+    except RuntimeError as exc:
+        raise BindError(f"cannot bind the local services to {sock}: {exc}") from exc
+    if bound == 0:
+        raise BindError(f"cannot bind the local services to {sock}")
+    os.chmod(sock, 0o600)
+    logger.info("gRPC services %s bound to %s", ", ".join(names), target)
+    return server, target
+
+
 class EdgeServer:
     """A node and its gRPC server with start/stop; used by :func:`serve` and by tests."""
 
@@ -145,14 +217,18 @@ class EdgeServer:
         self.node = node or EdgeNode(settings)
         self._own_node = node is None
         self.health = health.HealthServicer()
+        self.local_health = health.HealthServicer()
         self._server: grpc.Server | None = None
+        self._local: grpc.Server | None = None
         self.port = 0
+        #: ``unix:`` target of Trainer and LocalData (valid after :meth:`start`).
+        self.local_address = ""
         #: Port of the ``/metrics`` endpoint (0 when ``[metrics] enabled = false``).
         self.metrics_port = 0
 
     @property
     def address(self) -> str:
-        """``host:port`` clients connect to (valid after :meth:`start`)."""
+        """``host:port`` of the TCP server (inference, health), valid after :meth:`start`."""
         return _address(self.settings.grpc.host, self.port)
 
     def start(self) -> int:
@@ -162,6 +238,11 @@ class EdgeServer:
         """
         if self._own_node:
             self.node.start()
+        if self.only in (None, "trainer", "data"):
+            self._local, self.local_address = build_local_server(
+                self.node, self.settings, only=self.only, health_servicer=self.local_health
+            )
+            self._local.start()
         self._server, self.port = build_server(
             self.node, self.settings, only=self.only, health_servicer=self.health
         )
@@ -174,6 +255,9 @@ class EdgeServer:
             except OSError as exc:
                 self._server.stop(0).wait()
                 self._server = None
+                if self._local is not None:
+                    self._local.stop(0).wait()
+                    self._local = None
                 with contextlib.suppress(OSError):
                     self.settings.port_file.unlink()
                 raise BindError(
@@ -186,16 +270,23 @@ class EdgeServer:
 
     def stop(self, grace: float | None = None) -> None:
         """Go NOT_SERVING, wait ``drain_delay_s``, stop accepting, drain in-flight calls."""
-        if self._server is None:
+        if self._server is None and self._local is None:
             return
         grace = self.settings.grpc.grace_s if grace is None else grace
         self.health.enter_graceful_shutdown()
+        self.local_health.enter_graceful_shutdown()
         logger.info("shutting down: health NOT_SERVING, draining for %.1fs", grace)
         time.sleep(self.settings.grpc.drain_delay_s)
-        self._server.stop(grace).wait()
-        self._server = None
+        for server in (self._server, self._local):
+            if server is not None:
+                server.stop(grace).wait()
+        self._server = self._local = None
         self.node.metrics.stop()
-        for port_file in (self.settings.port_file, self.settings.metrics_port_file):
+        for port_file in (
+            self.settings.port_file,
+            self.settings.metrics_port_file,
+            self.settings.local_socket,
+        ):
             with contextlib.suppress(OSError):
                 port_file.unlink()
 

@@ -122,7 +122,7 @@ def test_disk_budget_counts_the_real_model_store(tmp_path: Path, mlp_model_dir: 
         models = server.node.store.disk_bytes()
         assert models >= len(pkg.read_bytes())  # the installed package is counted
         expected = (2**20 - models - RECORD_OVERHEAD) // SAMPLE_BYTES
-        with grpc.insecure_channel(server.address) as channel:
+        with grpc.insecure_channel(server.local_address) as channel:
             stub = local_data_pb2_grpc.LocalDataStub(channel)
             assert stub.Stats(local_data_pb2.StatsRequest()).capacity == expected
             reply = stub.Append(append_request(*batch(0, expected + 5)))
@@ -232,7 +232,7 @@ def data_stub(tmp_path: Path, mlp_model_dir: Path) -> Iterator[local_data_pb2_gr
     server = EdgeServer(settings, only="data")
     server.start()
     try:
-        with grpc.insecure_channel(server.address) as channel:
+        with grpc.insecure_channel(server.local_address) as channel:
             yield local_data_pb2_grpc.LocalDataStub(channel)
     finally:
         server.stop(grace=0)

@@ -64,6 +64,9 @@ def test_edge_serve_counts_inference_training_and_samples(
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             x = rng.random((40, 64)).astype(np.float32)
             y = (np.arange(40) % 10).astype(np.int32)
+        # Trainer and LocalData are on the device's local socket (edge.server).
+        local = f"unix:{(tmp_path / 'data' / 'run' / 'local.sock').resolve()}"
+        with grpc.insecure_channel(local) as channel:
             local_data_pb2_grpc.LocalDataStub(channel).Append(
                 local_data_pb2.AppendRequest(
                     x=codec.tensor_to_proto("x", x), y=codec.tensor_to_proto("y", y)

@@ -64,10 +64,18 @@ def server(tmp_path: Path, package: Path) -> Iterator[EdgeServer]:
 def test_health_reflection_and_port_file(server: EdgeServer) -> None:
     assert server.settings.port_file.read_text().strip() == str(server.port)
     with grpc.insecure_channel(server.address) as channel:
-        for service in ("", INFERENCE, TRAINER, DATA):
+        for service in ("", INFERENCE):
             assert health_status(channel, service) == SERVING, service
         services = ProtoReflectionDescriptorDatabase(channel).get_services()
-    assert {INFERENCE, TRAINER, DATA, "grpc.health.v1.Health"} <= set(services)
+    assert {INFERENCE, "grpc.health.v1.Health"} <= set(services)
+    # The state-changing services are only on the local socket, never on TCP.
+    assert TRAINER not in services and DATA not in services
+    assert server.local_address == f"unix:{server.settings.local_socket.resolve()}"
+    with grpc.insecure_channel(server.local_address) as local:
+        for service in ("", TRAINER, DATA):
+            assert health_status(local, service) == SERVING, service
+        local_services = ProtoReflectionDescriptorDatabase(local).get_services()
+    assert {TRAINER, DATA} <= set(local_services) and INFERENCE not in local_services
 
 
 def test_not_ready_until_a_release_arrives(tmp_path: Path, mlp_model_dir: Path) -> None:
@@ -79,7 +87,9 @@ def test_not_ready_until_a_release_arrives(tmp_path: Path, mlp_model_dir: Path) 
             assert inference.ServerLive(kserve_pb.ServerLiveRequest()).live
             assert not inference.ServerReady(kserve_pb.ServerReadyRequest()).ready
             assert health_status(channel, INFERENCE) == NOT_SERVING
-            assert health_status(channel, DATA) == SERVING
+            with grpc.insecure_channel(srv.local_address) as local:
+                assert health_status(local, DATA) == SERVING
+                assert health_status(local, TRAINER) == NOT_SERVING
             with pytest.raises(grpc.RpcError) as info:
                 request = kserve_pb.ModelInferRequest(model_name="digits")
                 inference.ModelInfer(request, timeout=10)
@@ -90,7 +100,8 @@ def test_not_ready_until_a_release_arrives(tmp_path: Path, mlp_model_dir: Path) 
             srv.node.install_release(4, data, codec.sha256_hex(data))
             assert inference.ServerReady(kserve_pb.ServerReadyRequest()).ready
             assert health_status(channel, INFERENCE) == SERVING
-            assert health_status(channel, TRAINER) == SERVING
+            with grpc.insecure_channel(srv.local_address) as local:
+                assert health_status(local, TRAINER) == SERVING
             meta = inference.ModelMetadata(kserve_pb.ModelMetadataRequest(name="digits"))
             assert list(meta.versions) == ["4"]
     finally:
@@ -103,7 +114,7 @@ def test_only_one_service(tmp_path: Path, package: Path) -> None:
     )
     srv.start()
     try:
-        with grpc.insecure_channel(srv.address) as channel:
+        with grpc.insecure_channel(srv.local_address) as channel:
             assert health_status(channel, TRAINER) == SERVING
             with pytest.raises(grpc.RpcError) as info:
                 health_status(channel, INFERENCE)
@@ -163,7 +174,7 @@ def test_restart_serves_the_last_version_and_keeps_data(
         first.node.install_release(2, data_b, codec.sha256_hex(data_b))
         first.node.activate(1)
         first.node.activate(2)
-        with grpc.insecure_channel(first.address) as channel:
+        with grpc.insecure_channel(first.local_address) as channel:
             local_data_pb2_grpc.LocalDataStub(channel).Append(
                 local_data_pb2.AppendRequest(
                     x=codec.tensor_to_proto("x", x), y=codec.tensor_to_proto("y", y)
@@ -181,6 +192,7 @@ def test_restart_serves_the_last_version_and_keeps_data(
                 kserve_pb.ModelMetadataRequest(name="digits")
             )
             assert list(meta.versions) == ["2"]
+        with grpc.insecure_channel(second.local_address) as channel:
             stats = local_data_pb2_grpc.LocalDataStub(channel).Stats(local_data_pb2.StatsRequest())
             assert stats.count == 20
             reply = trainer_pb2_grpc.TrainerStub(channel).Evaluate(

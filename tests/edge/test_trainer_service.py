@@ -50,10 +50,13 @@ def _start(tmp_path: Path, model_dir: Path | None) -> EdgeServer:
 def device(tmp_path: Path, mlp_model_dir: Path) -> Iterator[Device]:
     server = _start(tmp_path, mlp_model_dir)
     try:
-        with grpc.insecure_channel(server.address) as channel:
+        with (
+            grpc.insecure_channel(server.address) as channel,
+            grpc.insecure_channel(server.local_address) as local,
+        ):
             yield Device(
                 server,
-                trainer_pb2_grpc.TrainerStub(channel),
+                trainer_pb2_grpc.TrainerStub(local),
                 kserve_grpc.GRPCInferenceServiceStub(channel),
                 model_weights(mlp_model_dir),
             )
@@ -224,7 +227,10 @@ def test_training_while_serving_never_disturbs_predictions(device: Device, digit
 def test_without_a_model_fit_is_unavailable(tmp_path: Path) -> None:
     server = _start(tmp_path, None)
     try:
-        with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as info:
+        with (
+            grpc.insecure_channel(server.local_address) as channel,
+            pytest.raises(grpc.RpcError) as info,
+        ):
             trainer_pb2_grpc.TrainerStub(channel).Fit(trainer_pb2.FitRequest(), timeout=30)
     finally:
         server.stop(grace=0)

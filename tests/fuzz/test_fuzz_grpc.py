@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from edge.config import load_settings
 from edge.node import EdgeNode
-from edge.server import build_server
+from edge.server import build_local_server, build_server
 from protos import codec
 from protos.edgefl.v1 import (
     local_data_pb2,
@@ -104,13 +104,16 @@ def device(tmp_path_factory: pytest.TempPathFactory, mlp_model_dir: Path) -> Ite
     node.start()
     assert node.serving_version() == 1
     server, port = build_server(node, settings_)
+    local, target = build_local_server(node, settings_)
     server.start()
+    local.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    local_channel = grpc.insecure_channel(target)
     try:
         rng = np.random.default_rng(0)
         x = rng.uniform(0, 16, (INITIAL_SAMPLES, FEATURES)).astype(np.float32)
         y = (np.arange(INITIAL_SAMPLES) % CLASSES).astype(np.int32)
-        data = local_data_pb2_grpc.LocalDataStub(channel)
+        data = local_data_pb2_grpc.LocalDataStub(local_channel)
         data.Append(
             local_data_pb2.AppendRequest(
                 x=codec.tensor_to_proto("x", x), y=codec.tensor_to_proto("y", y)
@@ -123,7 +126,7 @@ def device(tmp_path_factory: pytest.TempPathFactory, mlp_model_dir: Path) -> Ite
         yield Device(
             node=node,
             infer=infer,
-            trainer=trainer_pb2_grpc.TrainerStub(channel),
+            trainer=trainer_pb2_grpc.TrainerStub(local_channel),
             data=data,
             weights=model_weights(mlp_model_dir),
             probe=probe,
@@ -131,7 +134,9 @@ def device(tmp_path_factory: pytest.TempPathFactory, mlp_model_dir: Path) -> Ite
         )
     finally:
         channel.close()
+        local_channel.close()
         server.stop(0).wait()
+        local.stop(0).wait()
 
 
 def call(method: Any, request: Any) -> Any | None:
