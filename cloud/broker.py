@@ -6,6 +6,20 @@ edgefl does not embed a broker; it writes a Mosquitto configuration and runs the
 
 Retained messages (the current release, its chunks, device status) survive a broker
 restart because persistence is on by default.
+
+Limits that hold against whoever may publish (#15):
+
+* **Payload size.** ``message_size_limit`` (default :data:`DEFAULT_MESSAGE_SIZE_LIMIT`,
+  raised to fit the release chunk size by :func:`message_size_limit_for`) applies to
+  every topic: a larger PUBLISH is dropped, not forwarded and not retained (Mosquitto
+  2.0.11 also closes its sender's connection). Mosquitto 2.0 has no per-topic limit; the smaller
+  limit for device reports is enforced where they are consumed
+  (:data:`cloud.fleet_monitor.MAX_REPORT_BYTES`).
+* **Client id bound to the user name** (``bind_client_id``, secure fleets): Mosquitto's
+  per-listener ``use_username_as_clientid`` replaces every client id with the login's
+  user name, so one device's credentials can never take over another device's session
+  (which would fire that device's Last Will). The cloud's own clients share one user and
+  connect to a second listener on loopback (``local_port``) that does not rename them.
 """
 
 from __future__ import annotations
@@ -40,6 +54,16 @@ DEFAULT_MAX_QUEUED_MESSAGES = 1_000_000
 #: got ~300 statuses/s on a loaded 2-core machine while 10,000 devices sent 2,000/s
 #: (benchmarks/bench_telemetry.py), and the rest piled up in the broker.
 DEFAULT_MAX_INFLIGHT_MESSAGES = 1000
+#: Largest PUBLISH payload by default (bytes): a release chunk (128 KiB by default) and a
+#: manifest fit many times over; a 10 MB payload on any topic is dropped.
+DEFAULT_MESSAGE_SIZE_LIMIT = 1024 * 1024
+#: Room above the chunk size for the largest message (a manifest with many chunk digests).
+MESSAGE_SIZE_MARGIN = 64 * 1024
+
+
+def message_size_limit_for(chunk_size: int) -> int:
+    """The broker's payload limit for releases cut in ``chunk_size`` chunks."""
+    return max(DEFAULT_MESSAGE_SIZE_LIMIT, chunk_size + MESSAGE_SIZE_MARGIN)
 
 
 class BrokerError(RuntimeError):
@@ -111,8 +135,8 @@ class BrokerConfig:
     certfile: Path | None = None
     keyfile: Path | None = None
     persistence: bool = True
-    #: Largest PUBLISH payload the broker accepts (0 = Mosquitto's default, no limit).
-    message_size_limit: int = 0
+    #: Largest PUBLISH payload the broker accepts, on every topic (0 = no limit).
+    message_size_limit: int = DEFAULT_MESSAGE_SIZE_LIMIT
     #: QoS 1 messages queued per client beyond those in flight (Mosquitto ``max_queued_messages``).
     max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES
     #: QoS 1 messages in flight per client (Mosquitto ``max_inflight_messages``).
@@ -121,6 +145,12 @@ class BrokerConfig:
     sys_interval: int = 10
     #: Bridges to the cloud broker (a regional broker's; see :mod:`cloud.bridge`).
     bridges: tuple[BridgeConfig, ...] = ()
+    #: On the main listener, replace each client id with the user name
+    #: (``use_username_as_clientid``): needs every client to log in (secure fleets).
+    bind_client_id: bool = False
+    #: A second, plain-TCP listener on 127.0.0.1 for the cloud's own clients, which does
+    #: not rename client ids (0 = none). Same users and ACL as the main listener.
+    local_port: int = 0
 
     @property
     def tls(self) -> bool:
@@ -143,6 +173,12 @@ class BrokerConfig:
             if self.cafile is not None:
                 lines.append(f"cafile {self.cafile}")
             lines.append("tls_version tlsv1.2")
+        if self.bind_client_id:
+            if self.allow_anonymous:
+                raise BrokerError("bind_client_id needs allow_anonymous false (a user name)")
+            lines.append("use_username_as_clientid true")
+        if self.local_port:
+            lines.append(f"listener {self.local_port} 127.0.0.1")
         if self.password_file is not None:
             lines.append(f"password_file {self.password_file}")
         if self.acl_file is not None:

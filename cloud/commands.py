@@ -132,8 +132,11 @@ def serve(stack: Any, args: argparse.Namespace) -> int:
     settings = stack.settings
     try:
         stack.start()
+        # Where devices connect (the cloud's own clients may use a loopback listener).
+        device_port = stack.broker.port if stack.broker is not None else None
         print(
-            f"edgefl cloud up: broker {settings.broker.host}:{stack.runtime_settings.broker.port}"
+            "edgefl cloud up: broker "
+            f"{settings.broker.host}:{device_port or stack.runtime_settings.broker.port}"
         )
         print(f"edgefl cloud up: fleet port (SuperLink Fleet API) {stack.fleet_address}")
         print(f"edgefl cloud up: operator path (SuperLink) {stack.superlink.address}")  # type: ignore[union-attr]

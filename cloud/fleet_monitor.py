@@ -54,6 +54,9 @@ MAX_BATCH = 1000
 #: one as they trickle in spent ~0.5 ms of CPU per status and kept paho's network thread
 #: from the GIL; collecting for a moment makes batches of hundreds at 2,000 statuses/s.
 BATCH_WAIT_S = 0.05
+#: Largest status or event payload decoded (bytes); a real one is a few hundred. The
+#: broker's own limit is per message on every topic and must fit release chunks.
+MAX_REPORT_BYTES = 64 * 1024
 
 _STOP = ("", b"")
 
@@ -226,6 +229,15 @@ class FleetMonitor:
             return None
         if not payload:
             logger.debug("ignoring empty payload on %s", topic)
+            return None
+        if len(payload) > MAX_REPORT_BYTES:
+            self.malformed += 1
+            logger.warning(
+                "ignoring %d bytes on %s: over the %d bytes a device report may have",
+                len(payload),
+                topic,
+                MAX_REPORT_BYTES,
+            )
             return None
         try:
             if parsed.kind == "status":

@@ -79,6 +79,10 @@ DEFAULT_REGISTRY_PATH = Path("var") / "registry.db"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: Run states accepted by :meth:`Registry.finish_run` (``running`` is the initial one).
 RUN_STATUSES = ("running", "completed", "failed", "stopped")
+#: How far (ms) a device's status timestamp may lie ahead of the time the cloud received
+#: it: the clock skew tolerated between devices and the cloud. A status further ahead is
+#: refused; one within the tolerance is stored with the receive time as its timestamp.
+MAX_STATUS_AHEAD_MS = 5 * 60 * 1000
 
 _CHANGES_KEY = "changes"
 _WRITE_OPTION = "edgefl_write"
@@ -852,8 +856,15 @@ class Registry:
 
     # -- devices -----------------------------------------------------------------------------
 
-    def upsert_device_status(self, status: DeviceStatus) -> bool:
+    def upsert_device_status(self, status: DeviceStatus, *, received_ms: int | None = None) -> bool:
         """Store a device's status unless a newer one is already stored.
+
+        Timestamps are bounded by the receive time ``received_ms`` (default: now): a
+        status more than :data:`MAX_STATUS_AHEAD_MS` ahead of it raises
+        :class:`InvalidRecordError`; one less far ahead is stored with the receive time,
+        so a forged status "from the year 2100" can never make the device's later, real
+        statuses look older. A stored timestamp beyond the tolerance (written before this
+        rule) counts as no timestamp at all.
 
         Returns whether the stored status changed (an older, re-delivered status is
         ignored, so MQTT redeliveries and retained messages cannot roll a device back).
@@ -866,10 +877,13 @@ class Registry:
         knowledge, so the device's next status after it reconnects is accepted. A stale
         OFFLINE redelivered while the device is up is corrected by its next status.
         """
-        _check_status(status)
-        return self.upsert_device_statuses([status]) > 0
+        now_ms = int(time.time() * 1000) if received_ms is None else received_ms
+        _check_status(status, now_ms)
+        return self.upsert_device_statuses([status], received_ms=now_ms) > 0
 
-    def upsert_device_statuses(self, statuses: Sequence[DeviceStatus]) -> int:
+    def upsert_device_statuses(
+        self, statuses: Sequence[DeviceStatus], *, received_ms: int | None = None
+    ) -> int:
         """Store many statuses (in arrival order) in one transaction; returns how many changed.
 
         Each status follows the rules of :meth:`upsert_device_status`. An invalid one is
@@ -879,11 +893,12 @@ class Registry:
         statuses a second cheap; other databases go row by row.
         """
         now = time.time()
+        now_ms = int(now * 1000) if received_ms is None else received_ms
         rounds: list[list[dict[str, Any]]] = []
         seen: dict[str, int] = {}
         for status in statuses:
             try:
-                values = _status_values(status, _check_status(status), now)
+                values = _status_values(status, _check_status(status, now_ms), now, now_ms)
             except InvalidRecordError as exc:
                 logger.warning("status of %r not stored: %s", status.device_id, exc)
                 continue
@@ -898,16 +913,20 @@ class Registry:
             return 0
         changed = 0
         with self._write() as session:
-            statement = self._status_upsert()
+            statement = self._status_upsert(now_ms + MAX_STATUS_AHEAD_MS)
             for values_list in rounds:
                 if statement is None:
-                    changed += _apply_rows(session, values_list)
+                    changed += _apply_rows(session, values_list, now_ms + MAX_STATUS_AHEAD_MS)
                 else:
                     changed += len(session.execute(statement, values_list).all())
         return changed
 
-    def _status_upsert(self) -> Any:
-        """The dialect's ``INSERT ... ON CONFLICT DO UPDATE`` for statuses (None: no such)."""
+    def _status_upsert(self, frozen_above_ms: int) -> Any:
+        """The dialect's ``INSERT ... ON CONFLICT DO UPDATE`` for statuses (None: no such).
+
+        A stored timestamp above ``frozen_above_ms`` (beyond the clock skew tolerance,
+        written before timestamps were bounded) counts as older than any status.
+        """
         backend = self._engine.dialect.name
         if backend == "sqlite":
             from sqlalchemy.dialects.sqlite import insert
@@ -918,7 +937,10 @@ class Registry:
         table: Any = DeviceRow.__table__
         ins = insert(table)
         new = ins.excluded
-        newer = new.timestamp_ms >= table.c.timestamp_ms
+        newer = or_(
+            new.timestamp_ms >= table.c.timestamp_ms,
+            table.c.timestamp_ms > literal(frozen_above_ms),
+        )
         keep_or_take = {
             name: case((newer, new[name]), else_=table.c[name])
             for name in _STATUS_COLUMNS
@@ -941,6 +963,32 @@ class Registry:
             if row is None:
                 raise NotFoundError(f"no device {device_id!r}")
             return _device(row)
+
+    def known_device_ids(self) -> set[str]:
+        """Devices with a stored status, and devices that answered in a federated round."""
+        with self._read() as session:
+            known = set(session.scalars(select(DeviceRow.device_id)))
+            known.update(session.scalars(select(RoundReplyRow.device_id).distinct()))
+        return known
+
+    def devices_serving_unknown_versions(self, limit: int = 20) -> list[tuple[str, int]]:
+        """``(device, version)`` of devices serving a version the registry does not know."""
+        with self._read() as session:
+            rows = session.execute(
+                select(DeviceRow.device_id, DeviceRow.serving_version)
+                .where(
+                    DeviceRow.serving_version != 0,
+                    DeviceRow.serving_version.not_in(select(VersionRow.version)),
+                )
+                .order_by(DeviceRow.device_id)
+                .limit(limit)
+            ).all()
+        return [(str(d), int(v)) for d, v in rows]
+
+    def version_numbers(self) -> set[int]:
+        """Every registered version number."""
+        with self._read() as session:
+            return {int(v) for v in session.scalars(select(VersionRow.version))}
 
     def list_devices(
         self,
@@ -1120,12 +1168,22 @@ def _filter_devices(query: Any, state: str | None, search: str | None, version: 
     return query
 
 
-def _check_status(status: DeviceStatus) -> dict[str, float]:
-    """Refuse a status the registry cannot store; returns its checked metrics."""
+def _check_status(status: DeviceStatus, now_ms: int) -> dict[str, float]:
+    """Refuse a status the registry cannot store; returns its checked metrics.
+
+    ``now_ms`` is when the cloud received it: a status dated more than
+    :data:`MAX_STATUS_AHEAD_MS` later is refused.
+    """
     if not status.device_id:
         raise InvalidRecordError("device status without device_id")
     if status.state not in DEVICE_STATES:
         raise InvalidRecordError(f"unknown device state {status.state!r}")
+    if status.timestamp_ms > now_ms + MAX_STATUS_AHEAD_MS:
+        raise InvalidRecordError(
+            f"status of {status.device_id} is dated "
+            f"{(status.timestamp_ms - now_ms) / 1000:.0f} s after it was received "
+            f"(more than the {MAX_STATUS_AHEAD_MS // 1000} s of clock skew tolerated)"
+        )
     return _metrics(status.last_metrics, what=f"status of {status.device_id}")
 
 
@@ -1151,15 +1209,15 @@ _STATUS_COLUMNS = (
 
 
 def _status_values(
-    status: DeviceStatus, last_metrics: dict[str, float], now: float
+    status: DeviceStatus, last_metrics: dict[str, float], now: float, now_ms: int
 ) -> dict[str, Any]:
-    """The ``devices`` row a checked status becomes."""
+    """The ``devices`` row a checked status becomes (its timestamp at most ``now_ms``)."""
     return {
         "device_id": status.device_id,
         "fleet": status.fleet,
         "serving_version": status.serving_version,
         "state": status.state,
-        "timestamp_ms": status.timestamp_ms,
+        "timestamp_ms": min(status.timestamp_ms, now_ms),
         "received_at": now,
         "last_round_trained": status.last_round_trained,
         "sample_count": status.sample_count,
@@ -1174,12 +1232,18 @@ def _status_values(
     }
 
 
-def _apply_rows(session: Session, values_list: list[dict[str, Any]]) -> int:
-    """The upsert rules row by row (databases without ``ON CONFLICT``); returns changes."""
+def _apply_rows(session: Session, values_list: list[dict[str, Any]], frozen_above_ms: int) -> int:
+    """The upsert rules row by row (databases without ``ON CONFLICT``); returns changes.
+
+    A stored timestamp above ``frozen_above_ms`` (beyond the skew tolerance) does not count.
+    """
     changed = 0
     for values in values_list:
         row = session.get(DeviceRow, values["device_id"])
-        if row is not None and row.timestamp_ms > values["timestamp_ms"]:
+        if (
+            row is not None
+            and frozen_above_ms >= row.timestamp_ms > values["timestamp_ms"]
+        ):
             if values["state"] != "OFFLINE" or row.state == "OFFLINE":
                 continue
             row.state = "OFFLINE"

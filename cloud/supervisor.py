@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud import config as cloud_config
-from cloud.broker import Broker, BrokerConfig
+from cloud.broker import Broker, BrokerConfig, message_size_limit_for
 from cloud.cloud_lock import CloudLock
 from cloud.config import CloudSettings
 from cloud.ports import check_port_free
@@ -123,6 +123,7 @@ class CloudStack:
         self._refusal_watch: threading.Thread | None = None
         self.web: Any = None
         self.monitor: Any = None
+        self.telemetry: Any = None
         self.registry: Any = None
         self.flower_run_id: str | None = None
         self.runtime_settings = settings
@@ -161,6 +162,10 @@ class CloudStack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         broker_port = s.broker.port or free_port(s.broker.host)
         self._phase("broker")
+        # The cloud's own clients (monitor, publishers) share one user: where devices'
+        # client ids are bound to their user names, they use a loopback listener instead.
+        bind = s.broker.managed and s.broker.broker_password_file is not None
+        local_port = free_port("127.0.0.1") if bind else 0
         if s.broker.managed:
             check_port_free(s.broker.host, broker_port, what="broker")
             self.broker = Broker(
@@ -174,6 +179,9 @@ class CloudStack:
                     cafile=s.broker.ca_file,
                     certfile=s.broker.certfile,
                     keyfile=s.broker.keyfile,
+                    message_size_limit=message_size_limit_for(s.run.chunk_size),
+                    bind_client_id=bind,
+                    local_port=local_port,
                 )
             )
             self._start_broker()
@@ -211,9 +219,14 @@ class CloudStack:
             check_port_free(s.superlink.host, fleet_port, what="fleet proxy")
             self._start_proxy(fleet_port)
 
+        cloud_broker = dataclasses.replace(s.broker, port=broker_port)
+        if local_port:
+            cloud_broker = dataclasses.replace(
+                cloud_broker, host="127.0.0.1", port=local_port, ca_file=None
+            )
         self.runtime_settings = dataclasses.replace(
             s,
-            broker=dataclasses.replace(s.broker, port=broker_port),
+            broker=cloud_broker,
             superlink=dataclasses.replace(s.superlink, port=fleet_port),
             proxy=dataclasses.replace(s.proxy, superlink_port=self.superlink.port),
         )
@@ -224,7 +237,7 @@ class CloudStack:
         self._phase("registry")
         self.registry = Registry(s.registry_url)
         self._phase("monitor")
-        self._start_monitor(broker_port)
+        self._start_monitor()
         self._phase("web")
         self._start_web()
         self.lock.update(web=self.web.url)
@@ -432,30 +445,36 @@ class CloudStack:
         if changed:
             logger.info("SuperNode registrations brought up to date: %s", changed)
 
-    def _start_monitor(self, broker_port: int) -> None:
+    def _start_monitor(self) -> None:
         from cloud.fleet_monitor import FleetMonitor
 
-        s = self.settings
+        s = self.runtime_settings
         password = None
         if s.broker.password_file is not None:
             password = Path(s.broker.password_file).read_text().strip()
-        registry = self.registry
+        from cloud.telemetry import TelemetryGate, enrolled_devices
+
+        secure = (self.data_dir / "secure.json").exists()
+        gate = TelemetryGate(
+            self.registry, known=enrolled_devices(self.data_dir) if secure else None
+        )
+        self.telemetry = gate
 
         def on_statuses(statuses: list[Any]) -> None:
             try:
-                registry.upsert_device_statuses(statuses)
+                gate.on_statuses(statuses)
             except Exception:
                 logger.exception("could not record %d device statuses", len(statuses))
 
         def on_events(events: list[Any]) -> None:
             try:
-                registry.record_events(events)
+                gate.on_events(events)
             except Exception:
                 logger.exception("could not record %d device events", len(events))
 
         self.monitor = FleetMonitor(
             host=connect_host(s.broker.host),
-            port=broker_port,
+            port=s.broker.port,
             fleet=s.cloud.fleet,
             on_status_batch=on_statuses,
             on_event_batch=on_events,

@@ -8,6 +8,12 @@ actions answer 503; with a missing or wrong token, 401.
 
 ``/metrics`` serves Prometheus metrics (names in :mod:`cloud.metrics`).
 
+Model downloads and the device inventory (``/api/devices``, ``/api/events``) need the
+same token whenever the server listens on an address that is not loopback
+(``app.state.listen_host``, set by :class:`cloud.web.server.WebServer` to the address it
+binds): on loopback only the cloud host's own users reach them. The overview, rounds and
+model list stay readable without it.
+
 ``/api/stream`` is a server-sent event stream: an ``overview`` event on connect and
 whenever the registry's change counter moves (whichever process wrote), plus a
 ``heartbeat`` event when nothing happened for a while.
@@ -20,6 +26,7 @@ disabled; the OpenAPI document is at ``/openapi.json``.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import threading
@@ -56,6 +63,20 @@ CSP = (
     "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
     "frame-ancestors 'none'; form-action 'self'"
 )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is a loopback address.
+
+    Wildcards (``0.0.0.0``, ``::``), other addresses and names other than ``localhost``
+    count as reachable from the network.
+    """
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class ActionError(RuntimeError):
@@ -170,6 +191,7 @@ def build_overview(registry: Registry, fleet: str) -> schemas.OverviewOut:
         newest_version=None if newest is None else schemas.version_out(newest, counts),
         serving=schemas.serving_out(registry.current()),
         devices=schemas.FleetCountOut(online=counts["online"], total=counts["total"]),
+        alerts=schemas.unknown_version_alerts(registry.devices_serving_unknown_versions()),
     )
 
 
@@ -181,6 +203,7 @@ def create_app(
     actions: WebActions | None = None,
     poll_interval: float = DEFAULT_POLL_INTERVAL,
     heartbeat: float = DEFAULT_HEARTBEAT,
+    listen_host: str = "127.0.0.1",
 ) -> FastAPI:
     """The FastAPI application serving the UI and the JSON API for one fleet.
 
@@ -201,8 +224,14 @@ def create_app(
     app.state.stop_streams = threading.Event()
     app.state.operator_token = operator_token.encode() if operator_token else None
     app.state.actions = actions
+    app.state.listen_host = listen_host
 
     operator = [Depends(require_operator)]
+    private = [Depends(require_operator_off_loopback)]
+    private_errors: dict[int | str, dict[str, object]] = {
+        401: {"model": schemas.ErrorOut, "description": "Off loopback: missing or wrong token."},
+        503: {"model": schemas.ErrorOut, "description": "Off loopback: no token configured."},
+    }
     write_errors: dict[int | str, dict[str, object]] = {
         401: {"model": schemas.ErrorOut, "description": "Missing or wrong operator token."},
         409: {"model": schemas.ErrorOut, "description": "Not possible in the current state."},
@@ -270,7 +299,13 @@ def create_app(
         """All runs, oldest first."""
         return [schemas.run_out(r) for r in registry.list_runs()]
 
-    @app.get("/api/devices", response_model=list[schemas.DeviceOut], tags=["read"])
+    @app.get(
+        "/api/devices",
+        response_model=list[schemas.DeviceOut],
+        tags=["read"],
+        dependencies=private,
+        responses=private_errors,
+    )
     def devices(
         response: Response,
         offset: Annotated[int, Query(ge=0, description="Devices to skip (by id).")] = 0,
@@ -299,7 +334,8 @@ def create_app(
         page = registry.list_devices(
             offset=offset, limit=limit, state=state, search=q, version=version
         )
-        return [schemas.device_out(d) for d in page]
+        known = registry.version_numbers()
+        return [schemas.device_out(d, known) for d in page]
 
     @app.get("/api/models", response_model=schemas.ModelsOut, tags=["read"])
     def models() -> schemas.ModelsOut:
@@ -316,12 +352,14 @@ def create_app(
         "/api/models/{version}/download",
         tags=["read"],
         response_class=Response,
+        dependencies=private,
         responses={
             200: {
                 "content": {"application/octet-stream": {}},
                 "description": "The model package (protos.codec.ModelPackage bytes).",
             },
             404: {"model": schemas.ErrorOut},
+            **private_errors,
         },
     )
     def download(version: int) -> Response:
@@ -338,7 +376,13 @@ def create_app(
             },
         )
 
-    @app.get("/api/events", response_model=list[schemas.EventOut], tags=["read"])
+    @app.get(
+        "/api/events",
+        response_model=list[schemas.EventOut],
+        tags=["read"],
+        dependencies=private,
+        responses=private_errors,
+    )
     def events(
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[schemas.EventOut]:
@@ -419,6 +463,23 @@ def require_operator(
         raise HTTPException(
             401, "a valid operator token is required", headers={"WWW-Authenticate": "Bearer"}
         )
+
+
+def require_operator_off_loopback(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Dependency of private reads: free on loopback, the operator token anywhere else."""
+    host = str(request.app.state.listen_host)
+    if is_loopback(host):
+        return
+    if request.app.state.operator_token is None:
+        raise HTTPException(
+            503,
+            f"this server listens on {host}, beyond loopback: device inventory and model "
+            "downloads need an operator token, and none is configured",
+        )
+    require_operator(request, credentials)
 
 
 def require_actions(request: Request) -> WebActions:

@@ -110,6 +110,10 @@ class DeviceOut(BaseModel):
     last_error: str
     last_metrics: dict[str, float]
     edgefl_version: str
+    unknown_version: bool = Field(
+        default=False,
+        description="The device serves a version the registry does not know (an alert).",
+    )
 
 
 class EventOut(BaseModel):
@@ -153,6 +157,11 @@ class OverviewOut(BaseModel):
     newest_version: VersionOut | None
     serving: ServingOut | None
     devices: FleetCountOut
+    alerts: list[str] = Field(
+        default_factory=list,
+        description="Things the operator must look at, e.g. a device serving a version "
+        "the registry does not know (a release this cloud did not issue).",
+    )
 
 
 class ActionOut(BaseModel):
@@ -197,10 +206,25 @@ def round_out(r: RoundRecord) -> RoundOut:
     return RoundOut.model_validate(r, from_attributes=True)
 
 
-def device_out(d: Device) -> DeviceOut:
+def device_out(d: Device, known_versions: set[int] | None = None) -> DeviceOut:
+    unknown = known_versions is not None and d.serving_version not in known_versions | {0}
     return DeviceOut.model_validate(
-        {**dataclasses.asdict(d), "online": d.online, "last_seen_ms": d.timestamp_ms}
+        {
+            **dataclasses.asdict(d),
+            "online": d.online,
+            "last_seen_ms": d.timestamp_ms,
+            "unknown_version": unknown,
+        }
     )
+
+
+def unknown_version_alerts(serving_unknown: list[tuple[str, int]]) -> list[str]:
+    """One line per ``(device, version)`` serving a version the registry does not know."""
+    return [
+        f"{device} serves version {version}, which the registry does not know: a release "
+        "this cloud did not issue"
+        for device, version in serving_unknown
+    ]
 
 
 def event_out(e: Event) -> EventOut:

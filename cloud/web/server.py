@@ -82,6 +82,8 @@ class WebServer:
                 f"cannot listen on {self.host}:{self._requested_port}: {exc}"
             ) from exc
         sock.listen(128)
+        # What the app protects depends on where it really listens (cloud.web.app).
+        self.app.state.listen_host = self.host
         sock.setblocking(False)
         self._socket = sock
         self.port = int(sock.getsockname()[1])

@@ -132,8 +132,15 @@
 
   // --- fetching -------------------------------------------------------------------------
 
+  function authHeaders(accept) {
+    const token = sessionStorage.getItem(TOKEN_KEY) || "";
+    const headers = { Accept: accept };
+    if (token) headers.Authorization = "Bearer " + token;
+    return headers;
+  }
+
   async function getJSON(path) {
-    const response = await fetch(path, { headers: { Accept: "application/json" }, cache: "no-store" });
+    const response = await fetch(path, { headers: authHeaders("application/json"), cache: "no-store" });
     if (!response.ok) throw new Error(path + " answered " + response.status);
     return response.json();
   }
@@ -143,7 +150,12 @@
     if (devicePage.q) params.set("q", devicePage.q);
     if (devicePage.state) params.set("state", devicePage.state);
     const path = "/api/devices?" + params.toString();
-    const response = await fetch(path, { headers: { Accept: "application/json" }, cache: "no-store" });
+    const response = await fetch(path, { headers: authHeaders("application/json"), cache: "no-store" });
+    if (response.status === 401 || response.status === 503) {
+      showMessage("Devices and events need the operator token on this server: enter it below.", "error");
+      devicePage.total = 0;
+      return [];
+    }
     if (!response.ok) throw new Error(path + " answered " + response.status);
     devicePage.total = Number(response.headers.get("X-Total-Count") || "0");
     return response.json();
@@ -159,9 +171,32 @@
     renderDevices();
   }
 
+  /** Device inventory and events need the operator token when the server is not on loopback. */
+  async function getPrivateJSON(path) {
+    const response = await fetch(path, { headers: authHeaders("application/json"), cache: "no-store" });
+    if (response.status === 401 || response.status === 503) {
+      showMessage("Devices and events need the operator token on this server: enter it below.", "error");
+      return [];
+    }
+    if (!response.ok) throw new Error(path + " answered " + response.status);
+    return response.json();
+  }
+
+  async function download(link) {
+    const response = await fetch(link.href, { headers: authHeaders("application/octet-stream") });
+    if (!response.ok) {
+      showMessage("Download refused (" + response.status + ")" + (response.status === 401 ? ": enter the operator token." : "."), "error");
+      return;
+    }
+    const url = URL.createObjectURL(await response.blob());
+    const a = el("a", { href: url, download: link.getAttribute("data-filename") || "model.edgefl" });
+    document.body.appendChild(a); a.click(); a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+  }
+
   async function refreshLists() {
     const [rounds, devices, models, events] = await Promise.all([
-      getJSON("/api/rounds"), fetchDevices(), getJSON("/api/models"), getJSON("/api/events?limit=50"),
+      getJSON("/api/rounds"), fetchDevices(), getJSON("/api/models"), getPrivateJSON("/api/events?limit=50"),
     ]);
     state.rounds = rounds; state.devices = devices; state.models = models; state.events = events;
     renderRounds(); renderDevices(); renderModels(); renderEvents();
@@ -189,6 +224,9 @@
     const o = state.overview;
     if (!o) return;
     $("fleet-name").textContent = o.fleet;
+    const alerts = o.alerts || [];
+    $("alerts").hidden = !alerts.length;
+    $("alerts").replaceChildren(...alerts.map((text) => el("p", { text: text })));
     document.title = "edgefl · " + o.fleet;
     const run = o.run;
     const p = o.progress;
@@ -371,7 +409,8 @@
     const rows = state.devices.map((d) => el("tr", { "data-device": d.device_id },
       el("th", { scope: "row", text: d.device_id }),
       el("td", {}, el("span", { className: "badge state-" + deviceState(d).toLowerCase(), text: deviceState(d) })),
-      el("td", { className: "num", text: d.serving_version ? "v" + d.serving_version : "none" }),
+      el("td", { className: "num" }, d.serving_version ? "v" + d.serving_version : "none",
+        d.unknown_version ? el("span", { className: "badge failed", title: "The registry does not know this version: a release this cloud did not issue.", text: "unknown version" }) : null),
       el("td", { className: "num", title: new Date(d.last_seen_ms).toLocaleString(), text: ago(d.last_seen_ms / 1000) }),
       el("td", { className: "num", text: String(d.sample_count) }),
       el("td", { text: metricsText(d.last_metrics) + (d.last_error ? " · error: " + d.last_error : "") }),
@@ -422,7 +461,7 @@
       const isCurrent = current && current.version === v.version;
       const label = v.version < newest ? "Roll back" : "Pin";
       const actions = el("div", { className: "actions" },
-        el("a", { href: v.download_url, download: "", "aria-label": "Download version " + v.version, text: "Download" }),
+        el("a", { href: v.download_url, download: "", className: "download-link", "data-filename": "v" + v.version + ".edgefl", "aria-label": "Download version " + v.version, text: "Download" }),
         el("button", {
           type: "button", id: "pin-v" + v.version, className: "button button-small button-secondary pin-button",
           "data-version": v.version, "aria-label": label + " fleet to version " + v.version, text: label,
@@ -500,6 +539,8 @@
       sessionStorage.removeItem(TOKEN_KEY); input.value = ""; showMessage("Token forgotten.", "success");
     });
     document.querySelector("#models-table tbody").addEventListener("click", (event) => {
+      const link = event.target.closest("a.download-link");
+      if (link) { event.preventDefault(); download(link); return; }
       const button = event.target.closest("button.pin-button");
       if (!button) return;
       const version = button.getAttribute("data-version");
