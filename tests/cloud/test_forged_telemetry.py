@@ -167,7 +167,9 @@ def test_forged_statuses_and_events_are_not_believed(
 
     # The UI's alert: a device serving a version the registry does not know.
     now = int(time.time() * 1000)
-    assert registry.upsert_device_status(codec.status_from_bytes(_status("dev-0", now + 1, version=99)))
+    assert registry.upsert_device_status(
+        codec.status_from_bytes(_status("dev-0", now + 1, version=99))
+    )
     alerts = build_overview(registry, FLEET).alerts
     assert any("dev-0" in a and "99" in a for a in alerts), alerts
 
