@@ -913,7 +913,7 @@ class Registry:
             return 0
         changed = 0
         with self._write() as session:
-            statement = self._status_upsert(now_ms + MAX_STATUS_AHEAD_MS)
+            statement = self._status_upsert()
             for values_list in rounds:
                 if statement is None:
                     changed += _apply_rows(session, values_list, now_ms + MAX_STATUS_AHEAD_MS)
@@ -921,12 +921,13 @@ class Registry:
                     changed += len(session.execute(statement, values_list).all())
         return changed
 
-    def _status_upsert(self, frozen_above_ms: int) -> Any:
+    def _status_upsert(self) -> Any:
         """The dialect's ``INSERT ... ON CONFLICT DO UPDATE`` for statuses (None: no such).
 
-        A stored timestamp above ``frozen_above_ms`` (beyond the clock skew tolerance,
-        written before timestamps were bounded) counts as older than any status.
+        A stored timestamp beyond the clock skew tolerance from now (written before
+        timestamps were bounded) counts as older than any status.
         """
+        frozen_above_ms = int(time.time() * 1000) + MAX_STATUS_AHEAD_MS
         backend = self._engine.dialect.name
         if backend == "sqlite":
             from sqlalchemy.dialects.sqlite import insert
@@ -1240,10 +1241,7 @@ def _apply_rows(session: Session, values_list: list[dict[str, Any]], frozen_abov
     changed = 0
     for values in values_list:
         row = session.get(DeviceRow, values["device_id"])
-        if (
-            row is not None
-            and frozen_above_ms >= row.timestamp_ms > values["timestamp_ms"]
-        ):
+        if row is not None and frozen_above_ms >= row.timestamp_ms > values["timestamp_ms"]:
             if values["state"] != "OFFLINE" or row.state == "OFFLINE":
                 continue
             row.state = "OFFLINE"

@@ -410,7 +410,7 @@
       el("th", { scope: "row", text: d.device_id }),
       el("td", {}, el("span", { className: "badge state-" + deviceState(d).toLowerCase(), text: deviceState(d) })),
       el("td", { className: "num" }, d.serving_version ? "v" + d.serving_version : "none",
-        d.unknown_version ? el("span", { className: "badge failed", title: "The registry does not know this version: a release this cloud did not issue.", text: "unknown version" }) : null),
+        d.unknown_version ? el("span", { className: "unknown-version", title: "The registry does not know this version: a release this cloud did not issue.", text: "unknown version" }) : null),
       el("td", { className: "num", title: new Date(d.last_seen_ms).toLocaleString(), text: ago(d.last_seen_ms / 1000) }),
       el("td", { className: "num", text: String(d.sample_count) }),
       el("td", { text: metricsText(d.last_metrics) + (d.last_error ? " · error: " + d.last_error : "") }),
