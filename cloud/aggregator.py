@@ -7,11 +7,14 @@ strategy from ``flwr.serverapp.strategy`` round by round itself, instead of call
 * **never hang**: a round waits at most ``wait_for_nodes_s`` for devices, samples only
   devices that are connected, and gives up on replies after ``round_timeout_s``
   (Flower's own sampling waits forever for ``min_available_nodes``);
-* **resume**: a restarted cloud continues the unfinished run from the newest stored
-  version instead of starting over, and never registers a round twice;
+* **resume**: a restarted cloud continues the unfinished run (same registry run id)
+  from the newest version instead of starting over, releases that version first if
+  it was registered but never released, and never registers a round twice; a run
+  stopped by a cloud-side fault is ``interrupted`` (resumable), never ``failed``;
 * **bookkeeping**: who was sampled, who replied, who timed out, per-device metrics;
-* **release**: after every round the new global model is registered and pushed to the
-  whole fleet over MQTT (:mod:`cloud.releases`).
+* **release**: after every round the new global model is registered and the cloud's
+  release signer (:mod:`cloud.signer`) signs and pushes it to the whole fleet over
+  MQTT; the round waits while the broker is away (:mod:`cloud.releases`).
 * **approval**: every message carries the fleet's signed approval of this run
   (:mod:`edge.run_approval`, content key ``edgefl-approval``), which the cloud
   supervisor wrote to ``data_dir/approvals/<run id>.json`` when it submitted the run;
@@ -33,9 +36,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Strategy
 
 from cloud.config import CloudSettings
-from cloud.publisher import Publisher
-from cloud.registry import Registry
-from cloud.releases import release_weights
+from cloud.registry import ModelVersion, Registry
+from cloud.releases import Releaser, release_weights
+from cloud.signer import SignerError
 from edge.clientapp import arrays_to_record, record_to_arrays
 from edge.run_approval import APPROVAL_KEY, RunApproval, wait_for_approval
 
@@ -43,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds to wait for devices to say who they are (QUERY messages).
 IDENTIFY_TIMEOUT_S = 20.0
+#: Registry run states a restarted cloud continues.
+RESUMABLE_STATUSES = ("running", "interrupted")
 #: Seconds to wait for the cloud supervisor's approval of this run (written right
 #: after ``flwr run`` returns the run id, which can be after this ServerApp started).
 APPROVAL_WAIT_S = 60.0
@@ -148,14 +153,14 @@ class Aggregator:
         self,
         settings: CloudSettings,
         registry: Registry,
-        publisher: Publisher,
+        releaser: Releaser,
         *,
         num_rounds: int | None = None,
         flower_run_id: str | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
-        self.publisher = publisher
+        self.releaser = releaser
         self.num_rounds = num_rounds or settings.run.num_rounds
         self.flower_run_id = flower_run_id
         self.strategy = make_strategy(settings)
@@ -182,32 +187,32 @@ class Aggregator:
         """(run id, first round to run, weights to start from, parent version)."""
         latest = self.registry.latest_version()
         run = self.registry.latest_run()
-        if (
-            run is not None
-            and run.status == "running"
-            and latest is not None
-            and latest.run_id == run.id
-        ):
-            weights = self._weights_of(latest.version)
-            logger.info(
-                "resuming run %d after round %d (version %d)", run.id, latest.round, latest.version
+        if run is not None and run.status in RESUMABLE_STATUSES:
+            if run.status != "running":
+                self.registry.finish_run(run.id, "running")
+            if latest is not None and latest.run_id == run.id:
+                self._release_if_pending(latest)
+                logger.info(
+                    "resuming run %d after round %d (version %d)",
+                    run.id,
+                    latest.round,
+                    latest.version,
+                )
+                return run.id, latest.round + 1, self._weights_of(latest.version), latest.version
+            run_id = run.id  # interrupted before its first version: same run, from the top
+        else:
+            run_id = self.registry.start_run(
+                num_rounds=self.num_rounds,
+                strategy=self.settings.run.strategy,
+                config={
+                    "fraction_train": self.settings.run.fraction_train,
+                    "min_nodes": self.settings.run.min_nodes,
+                    "round_timeout_s": self.settings.run.round_timeout_s,
+                    "local_epochs": self.settings.run.local_epochs,
+                    "learning_rate": self.settings.run.learning_rate,
+                },
+                flower_run_id=self.flower_run_id,
             )
-            return run.id, latest.round + 1, weights, latest.version
-        if run is not None and run.status == "running":
-            # A run that never released a version: close it, start afresh.
-            self.registry.finish_run(run.id, "failed")
-        run_id = self.registry.start_run(
-            num_rounds=self.num_rounds,
-            strategy=self.settings.run.strategy,
-            config={
-                "fraction_train": self.settings.run.fraction_train,
-                "min_nodes": self.settings.run.min_nodes,
-                "round_timeout_s": self.settings.run.round_timeout_s,
-                "local_epochs": self.settings.run.local_epochs,
-                "learning_rate": self.settings.run.learning_rate,
-            },
-            flower_run_id=self.flower_run_id,
-        )
         if latest is not None:
             # A new run continues from the newest global model of the fleet.
             return run_id, 1, self._weights_of(latest.version), latest.version
@@ -216,15 +221,25 @@ class Aggregator:
         self.registry.record_evaluation(run_id, 0, metrics)
         initial = release_weights(
             registry=self.registry,
-            publisher=self.publisher,
+            releaser=self.releaser,
             model_dir=self.settings.model.dir,
             weights=weights,
             round=0,
             run_id=run_id,
             parent_version=None,
             metrics=metrics,
+            wait_s=self.settings.run.release_wait_s,
         )
         return run_id, 1, weights, initial.version
+
+    def _release_if_pending(self, latest: ModelVersion) -> None:
+        """Release ``latest`` if the cloud stopped between registering and releasing it."""
+        current = self.registry.current()
+        if current is None or latest.version > current.version:
+            logger.info("version %d was registered but not released: releasing it", latest.version)
+            self.releaser.release_when_possible(
+                latest.version, wait_s=self.settings.run.release_wait_s
+            )
 
     def _weights_of(self, version: int) -> dict[str, np.ndarray]:
         from protos import codec
@@ -294,8 +309,15 @@ class Aggregator:
                 if outcome.version is not None and outcome.weights is not None:
                     weights = outcome.weights
                     parent = outcome.version
-        except BaseException:
+        except SignerError:
+            # The signer refused this run's version: asking again would not help.
             self.registry.finish_run(run_id, "failed")
+            raise
+        except BaseException:
+            # A cloud-side fault (SuperLink, broker, signer away, a stop): the next
+            # `cloud up` resumes the run, unless the operator stopped it meanwhile.
+            if self.registry.get_run(run_id).status == "running":
+                self.registry.finish_run(run_id, "interrupted")
             raise
         self.registry.finish_run(run_id, "completed")
         return outcomes
@@ -397,7 +419,7 @@ class Aggregator:
         )
         version = release_weights(
             registry=self.registry,
-            publisher=self.publisher,
+            releaser=self.releaser,
             model_dir=self.settings.model.dir,
             weights=new_weights,
             round=rnd,
@@ -405,6 +427,7 @@ class Aggregator:
             parent_version=parent,
             metrics=metrics,
             participants=replied,
+            wait_s=run.release_wait_s,
         )
         self.registry.round_finished(
             run_id, rnd, aggregated_metrics=metrics, version=version.version, dropped=dropped

@@ -25,6 +25,8 @@ DEFAULT_NUM_ROUNDS = 10
 DEFAULT_ROUND_TIMEOUT_S = 120.0
 #: Largest MQTT message a release is split into (bytes); fits EMQX (1 MB) and AWS IoT (128 KB).
 DEFAULT_CHUNK_SIZE = 128 * 1024
+#: Seconds a round waits for its release while the broker is away.
+DEFAULT_RELEASE_WAIT_S = 1800.0
 
 
 class ConfigError(ValueError):
@@ -126,6 +128,9 @@ class RunSection:
     #: Server-side learning rate for fedadam.
     server_learning_rate: float = 0.05
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    #: Seconds a round waits for its release while the broker (or the release signer)
+    #: is away; after that the run is interrupted and the next `cloud up` resumes it.
+    release_wait_s: float = DEFAULT_RELEASE_WAIT_S
     #: Held-out data the cloud evaluates each global model on: "digits" or "none".
     evaluation: str = "digits"
     seed: int = 0
@@ -165,6 +170,8 @@ class CloudSettings:
             problems.append("run.fraction_train must be in (0, 1]")
         if self.run.min_nodes < 1:
             problems.append("run.min_nodes must be at least 1")
+        if self.run.release_wait_s <= 0:
+            problems.append("run.release_wait_s must be positive")
         if self.run.round_timeout_s <= 0:
             problems.append("run.round_timeout_s must be positive")
         if not 1024 <= self.run.chunk_size <= 64 * 1024 * 1024:

@@ -78,7 +78,7 @@ DEFAULT_REGISTRY_PATH = Path("var") / "registry.db"
 #: How long (ms) a SQLite connection waits for another writer before failing.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: Run states accepted by :meth:`Registry.finish_run` (``running`` is the initial one).
-RUN_STATUSES = ("running", "completed", "failed", "stopped")
+RUN_STATUSES = ("running", "completed", "failed", "stopped", "interrupted")
 #: How far (ms) a device's status timestamp may lie ahead of the time the cloud received
 #: it: the clock skew tolerated between devices and the cloud. A status further ahead is
 #: refused; one within the tolerance is stored with the receive time as its timestamp.
@@ -468,7 +468,8 @@ class Registry:
         return run_id
 
     def finish_run(self, run_id: int, status: str) -> None:
-        """Set a run's final status (``completed``, ``failed``, ``stopped``)."""
+        """Set a run's status (``completed``, ``failed``, ``stopped``, ``interrupted``: a
+        cloud-side fault stopped it and the next ``cloud up`` resumes it)."""
         if status not in RUN_STATUSES:
             raise InvalidRecordError(f"run status must be one of {RUN_STATUSES}, got {status!r}")
         with self._write() as session:

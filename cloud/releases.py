@@ -1,8 +1,12 @@
 """Turning registry versions into fleet releases: package, register, publish, mark current.
 
-The ServerApp calls :func:`release_weights` after every round; ``edgefl cloud model
-pin`` and the web UI's pin button call :func:`pin_version`. Both go through the same
-:class:`cloud.publisher.Publisher`, so every release is signed, chunked and retained.
+The ServerApp calls :func:`release_weights` after every round: it registers the
+version, then asks the cloud's release signer (:mod:`cloud.signer`, inside ``cloud
+up``; the ServerApp never holds the signing key) to check, sign and publish it, and
+waits until that is done. ``edgefl cloud model pin`` and the web UI's pin button call
+:func:`pin_version`. Both end in :func:`publish_version` with a
+:class:`cloud.publisher.Publisher`, so every release is signed, chunked and retained,
+and a version becomes current only after the broker acknowledged it.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -36,7 +41,8 @@ def broker_endpoint(settings: CloudSettings) -> tuple[str, int]:
     return connect_host(settings.broker.host), port
 
 
-def make_publisher(settings: CloudSettings) -> Publisher:
+def make_publisher(settings: CloudSettings, *, signing_key: Any = None) -> Publisher:
+    """A publisher for the fleet's broker; loads ``signing.private_key`` unless given one."""
     host, port = broker_endpoint(settings)
     password = None
     if settings.broker.password_file is not None:
@@ -45,7 +51,7 @@ def make_publisher(settings: CloudSettings) -> Publisher:
         host=host,
         port=port,
         fleet=settings.cloud.fleet,
-        signing_key=signing.load_private_key(settings.signing.private_key),
+        signing_key=signing_key or signing.load_private_key(settings.signing.private_key),
         chunk_size=settings.run.chunk_size,
         username=settings.broker.username,
         password=password,
@@ -70,10 +76,16 @@ def package_weights(model_dir: Path, weights: Mapping[str, np.ndarray]) -> tuple
     return arch, codec.package_to_bytes(pkg)
 
 
+class Releaser(Protocol):
+    """Who releases a registered version (:class:`cloud.signer.SignerClient`)."""
+
+    def release_when_possible(self, version: int, *, wait_s: float) -> int: ...
+
+
 def release_weights(
     *,
     registry: Registry,
-    publisher: Publisher,
+    releaser: Releaser,
     model_dir: Path,
     weights: Mapping[str, np.ndarray],
     round: int,
@@ -81,8 +93,13 @@ def release_weights(
     parent_version: int | None,
     metrics: Mapping[str, float],
     participants: list[str] | None = None,
+    wait_s: float,
 ) -> ModelVersion:
-    """Register ``weights`` as the version for ``(run_id, round)`` and publish it."""
+    """Register ``weights`` as the version for ``(run_id, round)`` and have it released.
+
+    Returns once the fleet was sent the release (the version is then current); while
+    the broker is away the call waits, up to ``wait_s``.
+    """
     arch, data = package_weights(model_dir, weights)
     version = registry.add_version(
         package=data,
@@ -93,7 +110,7 @@ def release_weights(
         metrics=dict(metrics),
         participants=participants,
     )
-    publish_version(registry, publisher, version.version, pinned=False)
+    releaser.release_when_possible(version.version, wait_s=wait_s)
     return version
 
 

@@ -3,7 +3,8 @@
 The SuperLink runs it for each submitted run. The run config names the cloud
 settings file (``cloud-config``), which ``edgefl cloud up`` writes with the actual
 ports of the broker it started; ``num-rounds`` (0 = from the settings) overrides the
-number of rounds.
+number of rounds. Releases go through the release signer of ``cloud up``
+(:class:`cloud.signer.SignerClient` on ``data_dir/signer/signer.sock``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from cloud import config as cloud_config
 from cloud.aggregator import Aggregator
 from cloud.registry import Registry
-from cloud.releases import make_publisher
+from cloud.signer import SignerClient
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +35,14 @@ def main(grid: Grid, context: Context) -> None:
     logging.getLogger("cloud").setLevel(logging.INFO)
     registry = Registry(settings.registry_url)
     try:
-        with make_publisher(settings) as publisher:
-            Aggregator(
-                settings,
-                registry,
-                publisher,
-                num_rounds=num_rounds,
-                flower_run_id=str(context.run_id),
-            ).run(grid)
+        # Releases are signed and published by the signer inside `cloud up`: this
+        # process never loads the fleet's signing key.
+        Aggregator(
+            settings,
+            registry,
+            SignerClient(settings.data_dir),
+            num_rounds=num_rounds,
+            flower_run_id=str(context.run_id),
+        ).run(grid)
     finally:
         registry.close()

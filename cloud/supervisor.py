@@ -33,6 +33,7 @@ from cloud.cloud_lock import CloudLock
 from cloud.config import CloudSettings
 from cloud.ports import check_port_free
 from cloud.proxy import FleetProxy
+from cloud.signer import SignerService
 from cloud.supervision import RestartPolicy, SupervisedPart, Watchdog, interrupts_ignored
 from edge.flower_node import FlowerError, SuperLink, SuperLinkTLS
 from edge.process import ManagedProcess, connect_host, free_port
@@ -69,6 +70,9 @@ class CloudActions:
     def pin(self, version: int) -> str | None:
         from cloud.releases import pin_version
 
+        if self.stack.signer is not None:
+            sequence = self.stack.signer.signer.pin(version)
+            return f"version {version} pinned (sequence {sequence})"
         manifest = pin_version(self.stack.runtime_settings, self.stack.registry, version)
         return f"version {version} pinned (sequence {manifest.sequence})"
 
@@ -90,6 +94,7 @@ START_PHASES = (
     "superlink-ready",
     "proxy",
     "registry",
+    "signer",
     "monitor",
     "web",
     "supervising",
@@ -119,6 +124,7 @@ class CloudStack:
         self.broker: Broker | None = None
         self.superlink: SuperLink | None = None
         self.proxy: FleetProxy | None = None
+        self.signer: SignerService | None = None
         self._stopping = threading.Event()
         self._refusal_watch: threading.Thread | None = None
         self.web: Any = None
@@ -236,6 +242,9 @@ class CloudStack:
 
         self._phase("registry")
         self.registry = Registry(s.registry_url)
+        self._phase("signer")
+        # The only holder of the signing key; the ServerApp asks it for releases.
+        self.signer = SignerService(self.runtime_settings, self.registry).start()
         self._phase("monitor")
         self._start_monitor()
         self._phase("web")
@@ -543,7 +552,10 @@ class CloudStack:
         from edge.run_approval import sign_approval, write_approval
         from protos import signing
 
-        key = signing.load_private_key(self.settings.signing.private_key)
+        if self.signer is not None:
+            key = self.signer.signer.key
+        else:
+            key = signing.load_private_key(self.settings.signing.private_key)
         write_approval(self.data_dir, sign_approval(key, self.settings.cloud.fleet, run_id))
 
     def run_status(self) -> str:
@@ -561,10 +573,15 @@ class CloudStack:
             return "unknown"
 
     def stop_run(self) -> None:
+        """Stop the run; the registry marks it ``stopped``, so no later `cloud up` resumes it."""
         with self._lock:
             self.run_active = False
         if self.superlink is not None and self.flower_run_id is not None:
             self.superlink.flwr("stop", self.flower_run_id, "edgefl", "--format", "json")
+        if self.registry is not None:
+            run = self.registry.latest_run()
+            if run is not None and run.status in ("running", "interrupted"):
+                self.registry.finish_run(run.id, "stopped")
 
     def wait_for_run(self, *, timeout: float | None = None, on_progress: Any = None) -> str:
         """Poll until the Flower run finishes; returns its final status.
@@ -626,6 +643,8 @@ class CloudStack:
                 self.superlink.stop()
             if self.broker is not None:
                 self.broker.stop()
+            if self.signer is not None:
+                self.signer.stop()
             if self.registry is not None:
                 self.registry.close()
             self.lock.release()
