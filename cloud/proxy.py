@@ -145,7 +145,8 @@ class ProxyConfig:
             "http {",
             "    log_format edgefl escape=json",
             '        \'{"time":"$time_iso8601","remote":"$remote_addr",'
-            '"method":"$request_method","uri":"$uri","status":$status}\';',
+            '"method":"$request_method","uri":"$uri","status":$status,'
+            '"upstream":"$upstream_addr"}\';',
             f"    access_log {self.access_log} edgefl;",
             f"    client_body_temp_path {d / 'tmp' / 'body'};",
             f"    proxy_temp_path {d / 'tmp' / 'proxy'};",
@@ -205,6 +206,8 @@ class Refusal:
     method: str
     uri: str
     status: int
+    #: Where nginx forwarded the request ("" when it answered itself).
+    upstream: str = ""
 
     def describe(self) -> str:
         return f"{self.method} {self.uri} from {self.remote} refused ({self.status})"
@@ -314,7 +317,8 @@ class FleetProxy:
         # Keep a partly written last line for the next call.
         end = data.rfind(b"\n") + 1
         self._log_offset += end
-        return [r for r in _parse_access_lines(data[:end]) if r.status == 403]
+        # The proxy's own 403s; a 403 the SuperLink gave a forwarded Fleet call is not one.
+        return [r for r in _parse_access_lines(data[:end]) if r.status == 403 and not r.upstream]
 
     def __enter__(self) -> FleetProxy:
         return self.start()
@@ -333,6 +337,7 @@ def _parse_access_lines(data: bytes) -> Iterator[Refusal]:
                 method=str(doc["method"]),
                 uri=str(doc["uri"])[:200],
                 status=int(doc["status"]),
+                upstream=str(doc.get("upstream", "")),
             )
         except (ValueError, KeyError, TypeError):
             logger.debug("unreadable proxy access log line: %r", line[:200])

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import secrets
+import subprocess
 import sys
 import threading
 import time
@@ -562,9 +563,14 @@ class CloudStack:
         """Flower's status of the submitted run: pending, starting, running, finished:…"""
         if self.superlink is None or self.flower_run_id is None:
             return "none"
-        res = self.superlink.flwr(
-            "list", "--run-id", self.flower_run_id, "edgefl", "--format", "json"
-        )
+        try:
+            res = self.superlink.flwr(
+                "list", "--run-id", self.flower_run_id, "edgefl", "--format", "json"
+            )
+        except subprocess.TimeoutExpired:
+            # A loaded host can make one `flwr list` slow; the caller asks again.
+            logger.warning("flwr list of run %s timed out", self.flower_run_id)
+            return "unknown"
         try:
             doc = json.loads(res.stdout)
             runs = doc.get("runs", [])

@@ -111,3 +111,21 @@ def test_a_network_facing_superlink_without_the_proxy_is_refused() -> None:
     # Loopback without the proxy (a one-machine demo) and any host with it are fine.
     cloud_config.from_dict({"proxy": {"enabled": False}})
     assert cloud_config.from_dict({"superlink": {"host": "0.0.0.0"}}).proxy.enabled
+
+
+def test_only_the_proxys_own_refusals_count(tmp_path: Path) -> None:
+    """A 403 the SuperLink gives a forwarded Fleet call ("run is finished") is no refusal."""
+    proxy = FleetProxy(ProxyConfig(listen_port=1, upstream_port=2, data_dir=tmp_path))
+    line = '{{"time":"t","remote":"10.0.0.9","method":"POST","uri":"{}","status":403,"upstream":"{}"}}\n'
+    proxy.config.access_log.write_text(
+        line.format("/v1/control/start-run", "")
+        + line.format("/v1/fleet/pull-object", "127.0.0.1:2")
+        + "garbage\n"
+        + line.format("/v1/control/list-runs", "")[:40]  # still being written
+    )
+    assert [r.describe() for r in proxy.refusals()] == [
+        "POST /v1/control/start-run from 10.0.0.9 refused (403)"
+    ]
+    with proxy.config.access_log.open("a") as fh:
+        fh.write(line.format("/v1/control/list-runs", "")[40:])
+    assert [r.uri for r in proxy.refusals()] == ["/v1/control/list-runs"]

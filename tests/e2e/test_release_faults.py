@@ -97,8 +97,8 @@ def test_cloud_killed_between_register_and_publish_resumes_the_same_run(
 
     stack.signer.signer.before_publish = before_publish
     stack.submit_run()
-    run_id = stack.registry.latest_run().id
     assert registered.wait(600), "round 2 never reached its release"
+    run_id = stack.registry.latest_run().id
     # Every cloud process at once, no goodbyes (as a SIGKILL of the `cloud up` tree).
     stack.watchdog.stop()
     stack.superlink.process.kill_tree()
