@@ -341,3 +341,29 @@ def test_cli_flash_twice(fleet: SecureFleet, tmp_path: Path) -> None:
     assert "gw-1" not in fleet.acl_file.read_text()
     second = subprocess.run(revoke, capture_output=True, text=True, timeout=120)
     assert second.returncode == 1 and "already revoked" in second.stderr
+
+
+@pytest.mark.slow
+def test_wheelhouse_carries_every_dependency_for_the_boards_platform(
+    fleet: SecureFleet, tmp_path: Path
+) -> None:
+    """``--wheelhouse``: aarch64 / CPython 3.13 wheels for an rpi4, installed offline."""
+    out = tmp_path / "pi.tar.gz"
+    flash(
+        cloud_dir=fleet.data_dir,
+        profile="rpi4",
+        name="pi-offline",
+        cloud_host="cloud.lan",
+        out=out,
+        wheelhouse=tmp_path / "wheelhouse",
+    )
+    with tarfile.open(out) as tar:
+        names = [m.name.removeprefix("edgefl/wheels/") for m in tar.getmembers()
+                 if m.name.startswith("edgefl/wheels/")]  # fmt: skip
+        script = tar.extractfile("edgefl/provision.sh").read().decode()  # type: ignore[union-attr]
+    assert "ai_edge_litert-2.3.0-cp313-cp313-manylinux_2_27_aarch64.whl" in names
+    assert any(n.startswith("numpy-") and "cp313" in n and "aarch64" in n for n in names)
+    assert any(n.startswith("flwr-1.42.0-") for n in names)
+    assert not [n for n in names if "x86_64" in n or "cp311-cp311" in n], names  # abi3 is fine
+    assert not [n for n in names if n.startswith("edgefl_fleet-")]  # ours is in software/
+    assert "--no-index --find-links /etc/edgefl/wheels" in script
