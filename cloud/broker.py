@@ -240,7 +240,9 @@ class Broker:
             "mosquitto",
             [mosquitto_binary(), "-c", str(self.conf_path)],
             log_path=self.config.data_dir / "stdout.log",
-        ).start()
+        )
+        # Held before it starts: an interrupt right after the fork still finds it to stop.
+        self.process.start()
         try:
             # Something listening is not enough: another process may hold the port while
             # our Mosquitto exits with "Address already in use". Wait for it to say it runs.

@@ -265,7 +265,9 @@ class FleetProxy:
             "nginx",
             [binary, "-p", str(c.data_dir), "-e", str(c.error_log), "-c", str(self.conf_path)],
             log_path=c.data_dir / "stdout.log",
-        ).start()
+        )
+        # Held before it starts: an interrupt right after the fork still finds it to stop.
+        self.process.start()
         try:
             # A port another process holds makes nginx retry, then exit; wait for its workers.
             self.process.wait_until(

@@ -117,7 +117,9 @@ class EmulatedDevice:
             [sys.executable, "-m", "edge.cli", "edge", "up", "--config", str(self.config)],
             log_path=log,
             env=self.env,
-        ).start()
+        )
+        # Held before it starts: an interrupt right after the fork still finds it to stop.
+        self.process.start()
 
         def ready() -> bool:
             with open(log, "rb") as fh:

@@ -128,7 +128,9 @@ class SuperLink:
             self.argv(),
             log_path=self.data_dir / "superlink.log",
             env=self.env(),
-        ).start()
+        )
+        # Held before it starts: an interrupt right after the fork still finds it to stop.
+        self.process.start()
         try:
             self.process.wait_for_port(self.host, self.port, timeout=timeout)
         except ProcessError as exc:
@@ -260,7 +262,9 @@ class SuperNode:
             log_path=self.data_dir / "supernode.log",
             env={"FLWR_HOME": str(self.flwr_home), "FLWR_TELEMETRY_ENABLED": "0"},
             die_with_parent=self.die_with_parent,
-        ).start()
+        )
+        # Held before it starts: an interrupt right after the fork still finds it to stop.
+        self.process.start()
         try:
             self.process.wait_for_port(self.host, self.port, timeout=timeout)
         except ProcessError as exc:
