@@ -122,7 +122,7 @@ def test_one_cloud_per_data_dir_status_and_pin_find_it(
 
     first = up_factory(conf, "--no-run")
     info = first.wait_running()
-    assert info.pid == first.proc.pid and set(info.urls) == {"broker", "superlink", "web"}
+    assert info.pid == first.proc.pid and set(info.urls) == {"broker", "superlink", "fleet", "web"}
 
     # A second `cloud up` on the same data dir refuses at once, naming the running cloud.
     second = edgefl("cloud", "up", "--no-run", "--config", str(conf), timeout=60)
