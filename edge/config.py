@@ -20,29 +20,29 @@ Example ``edge.toml``::
     [model]
     initial_package = "digits-v1.pkg"
 
-Relative paths in the file are resolved against the file's directory (paths from
-environment variables against the working directory). Environment variables override
-the file: ``EDGEFL_GRPC_PORT=0``, ``EDGEFL_DEVICE_DATA_DIR=/tmp/x`` (section name, then
-the key, upper-case). Setting any ``EDGEFL_MQTT_*`` variable creates the ``[mqtt]``
-section. Unknown sections or keys (in the file or among ``EDGEFL_<SECTION>_*`` variables
-of a known section) and values of the wrong type are errors; every problem is reported
-at once in one :class:`~edge.errors.ConfigError`.
+Relative paths in the file, and the default ``data_dir``, are resolved against the
+file's directory (paths from environment variables against the working directory).
+Environment variables override the file: ``EDGEFL_GRPC_PORT=0``,
+``EDGEFL_DEVICE_DATA_DIR=/tmp/x`` (section name, then the key, upper-case). Setting any
+``EDGEFL_MQTT_*`` variable creates the ``[mqtt]`` section. Unknown sections or keys (in
+the file or among ``EDGEFL_<SECTION>_*`` variables of a device section) and values of
+the wrong type are errors; every problem is reported at once in one
+:class:`~edge.errors.ConfigError`. The mechanism (types, rules, environment, the writer
+:func:`write_settings`) is :mod:`edge.settings`, shared with :mod:`cloud.config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
-import tomllib
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from edge.errors import ConfigError
+from edge.settings import Rule, Schema, to_toml
 
 __all__ = [
     "ConfigError",
@@ -55,10 +55,9 @@ __all__ = [
     "TrainingSettings",
     "TrustSettings",
     "load_settings",
+    "render_settings",
+    "write_settings",
 ]
-
-ENV_PREFIX = "EDGEFL_"
-"""Prefix of environment variables that override settings."""
 
 DEFAULT_FLEET = "default"
 """Fleet a device belongs to when the file does not say."""
@@ -278,126 +277,70 @@ class Settings:
         return self.device.data_dir / "metrics.port"
 
 
-_SECTIONS: dict[str, type] = {
-    "device": DeviceSettings,
-    "grpc": GrpcSettings,
-    "litert": LiteRTSettings,
-    "training": TrainingSettings,
-    "data": DataSettings,
-    "mqtt": MqttSettings,
-    "trust": TrustSettings,
-    "model": ModelSettings,
-    "flower": FlowerSettings,
-    "metrics": MetricsSettings,
-}
+def _rule(check: typing.Callable[[Any], bool], message: str) -> Rule:
+    return Rule(check, message)
 
-# Checks beyond types: (section, key) → (predicate, description).
-_RULES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
-    ("grpc", "port"): (lambda v: 0 <= v <= 65535, "must be in 0..65535"),
-    ("grpc", "max_batch"): (lambda v: v >= 1, "must be >= 1"),
-    ("grpc", "max_message_bytes"): (lambda v: v >= 1024, "must be >= 1024"),
-    ("grpc", "serving_threads"): (lambda v: 1 <= v <= 64, "must be in 1..64"),
-    ("grpc", "grace_s"): (lambda v: v >= 0, "must be >= 0"),
-    ("grpc", "drain_delay_s"): (lambda v: v >= 0, "must be >= 0"),
-    ("litert", "threads"): (lambda v: 1 <= v <= 64, "must be in 1..64"),
-    ("litert", "delegate"): (
+
+# Checks beyond types: (section, key) → rule.
+RULES: dict[tuple[str, str], Rule] = {
+    ("grpc", "port"): _rule(lambda v: 0 <= v <= 65535, "must be in 0..65535"),
+    ("grpc", "max_batch"): _rule(lambda v: v >= 1, "must be >= 1"),
+    ("grpc", "max_message_bytes"): _rule(lambda v: v >= 1024, "must be >= 1024"),
+    ("grpc", "serving_threads"): _rule(lambda v: 1 <= v <= 64, "must be in 1..64"),
+    ("grpc", "grace_s"): _rule(lambda v: v >= 0, "must be >= 0"),
+    ("grpc", "drain_delay_s"): _rule(lambda v: v >= 0, "must be >= 0"),
+    ("litert", "threads"): _rule(lambda v: 1 <= v <= 64, "must be in 1..64"),
+    ("litert", "delegate"): _rule(
         lambda v: v in LITERT_DELEGATES,
         f"must be one of {', '.join(map(repr, LITERT_DELEGATES))}",
     ),
-    ("training", "epochs"): (lambda v: v >= 0, "must be >= 0"),
-    ("training", "learning_rate"): (lambda v: v is None or v > 0, "must be > 0"),
-    ("training", "batch"): (lambda v: v is None or v >= 1, "must be >= 1"),
-    ("training", "proximal_mu"): (lambda v: v >= 0, "must be >= 0"),
-    ("training", "seed"): (lambda v: v >= 0, "must be >= 0"),
-    ("data", "capacity"): (lambda v: v >= 1, "must be >= 1"),
-    ("data", "max_mb"): (lambda v: v >= 0, "must be >= 0 (0: no budget)"),
-    ("mqtt", "host"): (lambda v: bool(v), "is required"),
-    ("mqtt", "port"): (lambda v: 1 <= v <= 65535, "must be in 1..65535"),
-    ("mqtt", "keepalive"): (lambda v: v >= 1, "must be >= 1"),
-    ("mqtt", "status_interval_s"): (lambda v: v > 0, "must be > 0"),
-    ("trust", "min_sequence"): (lambda v: v >= 0, "must be >= 0"),
-    ("model", "name"): (lambda v: bool(v), "must not be empty"),
-    ("model", "keep_versions"): (lambda v: v >= 1, "must be >= 1"),
-    ("flower", "port"): (lambda v: 0 <= v <= 65535, "must be in 0..65535"),
-    ("metrics", "port"): (lambda v: 0 <= v <= 65535, "must be in 0..65535"),
-    ("flower", "task_timeout_s"): (lambda v: v > 0, "must be > 0"),
+    ("training", "epochs"): _rule(lambda v: v >= 0, "must be >= 0"),
+    ("training", "learning_rate"): _rule(lambda v: v is None or v > 0, "must be > 0"),
+    ("training", "batch"): _rule(lambda v: v is None or v >= 1, "must be >= 1"),
+    ("training", "proximal_mu"): _rule(lambda v: v >= 0, "must be >= 0"),
+    ("training", "seed"): _rule(lambda v: v >= 0, "must be >= 0"),
+    ("data", "capacity"): _rule(lambda v: v >= 1, "must be >= 1"),
+    ("data", "max_mb"): _rule(lambda v: v >= 0, "must be >= 0 (0: no budget)"),
+    ("mqtt", "host"): _rule(lambda v: bool(v), "is required"),
+    ("mqtt", "port"): _rule(lambda v: 1 <= v <= 65535, "must be in 1..65535"),
+    ("mqtt", "keepalive"): _rule(lambda v: v >= 1, "must be >= 1"),
+    ("mqtt", "status_interval_s"): _rule(lambda v: v > 0, "must be > 0"),
+    ("trust", "min_sequence"): _rule(lambda v: v >= 0, "must be >= 0"),
+    ("model", "name"): _rule(lambda v: bool(v), "must not be empty"),
+    ("model", "keep_versions"): _rule(lambda v: v >= 1, "must be >= 1"),
+    ("flower", "port"): _rule(lambda v: 0 <= v <= 65535, "must be in 0..65535"),
+    ("flower", "task_timeout_s"): _rule(lambda v: v > 0, "must be > 0"),
+    ("metrics", "port"): _rule(lambda v: 0 <= v <= 65535, "must be in 0..65535"),
 }
 
 
-def _base_type(hint: Any) -> tuple[type, bool]:
-    """(the concrete type, whether None is allowed) of a field's annotation."""
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0], True
-    return hint, False
+def _mqtt_needs_a_signing_key(settings: Settings) -> list[str]:
+    if settings.mqtt is not None and settings.trust.signing_public_key is None:
+        return ["[trust] signing_public_key is required when [mqtt] is configured"]
+    return []
 
 
-def _expand(text: str, where: str) -> tuple[Path | None, str | None]:
-    """``~`` and ``~user`` expanded, or a problem naming the setting."""
-    if "\0" in text:
-        return None, f"{where}: a path cannot contain a NUL character"
-    try:
-        return Path(text).expanduser(), None
-    except RuntimeError:
-        return None, f"{where}: cannot expand ~ in {text!r} (no such user or no home directory)"
+def _finish(
+    settings: Settings, base_dir: Path | None, given: frozenset[tuple[str, str]]
+) -> Settings:
+    """The device id defaults to the host name; the default data_dir sits next to the file."""
+    device = settings.device
+    if not device.id:
+        device = dataclasses.replace(device, id=socket.gethostname())
+    if ("device", "data_dir") not in given and base_dir is not None:
+        device = dataclasses.replace(device, data_dir=base_dir / DEFAULT_DATA_DIR)
+    return dataclasses.replace(settings, device=device)
 
 
-def _convert(
-    value: Any, hint: Any, where: str, base_dir: Path | None, from_env: bool
-) -> tuple[Any, str | None]:
-    """Convert a TOML or environment value to the field type; (value, problem)."""
-    kind, optional = _base_type(hint)
-    if from_env:
-        text = str(value)
-        if optional and text == "":
-            return None, None
-        try:
-            if kind is bool:
-                if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(text)
-                return text.lower() in ("1", "true", "yes"), None
-            if kind is int:
-                return int(text), None
-            if kind is float:
-                return float(text), None
-        except ValueError:
-            return None, f"{where}: {text!r} is not a valid {kind.__name__}"
-        if kind is Path:
-            return _expand(text, where)
-        return text, None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if kind is Path:
-        if not isinstance(value, str):
-            return None, f"{where}: must be a path string, got {type(value).__name__}"
-        path, problem = _expand(value, where)
-        if path is None:
-            return None, problem
-        if base_dir is not None and not path.is_absolute():
-            path = base_dir / path
-        return path, None
-    if kind is int and isinstance(value, bool):
-        return None, f"{where}: must be an integer, got a boolean"
-    if not isinstance(value, kind):
-        return None, f"{where}: must be {kind.__name__}, got {type(value).__name__}"
-    return value, None
-
-
-def _env_overrides(env: Mapping[str, str], problems: list[str]) -> dict[str, dict[str, str]]:
-    out: dict[str, dict[str, str]] = {}
-    for name, value in env.items():
-        if not name.startswith(ENV_PREFIX):
-            continue
-        rest = name[len(ENV_PREFIX) :].lower()
-        section, _, key = rest.partition("_")
-        if section not in _SECTIONS:
-            continue  # EDGEFL_* variables of other tools (tests, the cloud side)
-        if not key:
-            problems.append(f"environment {name}: names no key")
-            continue
-        out.setdefault(section, {})[key] = value
-    return out
+SCHEMA = Schema(
+    Settings,
+    error=ConfigError,
+    rules=RULES,
+    checks=[_mqtt_needs_a_signing_key],
+    relative_to_file=True,
+    finish=_finish,
+)
+"""How ``edge.toml`` is read and checked."""
 
 
 def load_settings(
@@ -407,88 +350,15 @@ def load_settings(
 
     ``env`` defaults to ``os.environ``. Raises :class:`ConfigError` listing every problem.
     """
-    problems: list[str] = []
-    raw: dict[str, Any] = {}
-    base_dir: Path | None = None
-    if path is not None:
-        path = Path(path)
-        base_dir = path.resolve().parent
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError([f"cannot read {path}: {exc.strerror or exc}"]) from exc
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError([f"{path} is not valid TOML: {exc}"]) from exc
-    overrides = _env_overrides(os.environ if env is None else env, problems)
-
-    for name in sorted(set(raw) - set(_SECTIONS)):
-        problems.append(f"unknown section [{name}]")
-    built: dict[str, Any] = {}
-    for section, klass in _SECTIONS.items():
-        table = raw.get(section)
-        if table is not None and not isinstance(table, dict):
-            problems.append(f"[{section}] must be a table")
-            table = None
-        present = table is not None or section in overrides
-        if section in ("mqtt", "flower") and not present:
-            built[section] = None
-            continue
-        hints = typing.get_type_hints(klass)
-        fields = {f.name for f in dataclasses.fields(klass)}
-        values: dict[str, Any] = {}
-        for key, value in (table or {}).items():
-            where = f"[{section}] {key}"
-            if key not in fields:
-                problems.append(f"{where}: unknown key")
-                continue
-            converted, problem = _convert(value, hints[key], where, base_dir, from_env=False)
-            if problem:
-                problems.append(problem)
-            else:
-                values[key] = converted
-        for key, value in overrides.get(section, {}).items():
-            where = f"environment {ENV_PREFIX}{section.upper()}_{key.upper()}"
-            if key not in fields:
-                problems.append(f"{where}: unknown key {key!r} in [{section}]")
-                continue
-            converted, problem = _convert(value, hints[key], where, None, from_env=True)
-            if problem:
-                problems.append(problem)
-            else:
-                values[key] = converted
-        if section == "device":
-            if not values.get("id"):
-                values["id"] = socket.gethostname()
-            if "data_dir" not in values and base_dir is not None:
-                values["data_dir"] = base_dir / DEFAULT_DATA_DIR
-        for key in fields:
-            rule = _RULES.get((section, key))
-            if rule is None:
-                continue
-            value = values.get(key, _default(klass, key))
-            if not rule[0](value):
-                problems.append(f"[{section}] {key}: {rule[1]} (got {value!r})")
-        built[section] = values
-    if built["mqtt"] is not None and built["trust"].get("signing_public_key") is None:
-        problems.append("[trust] signing_public_key is required when [mqtt] is configured")
-    if problems:
-        raise ConfigError(problems)
-    return Settings(
-        device=DeviceSettings(**built["device"]),
-        grpc=GrpcSettings(**built["grpc"]),
-        litert=LiteRTSettings(**built["litert"]),
-        training=TrainingSettings(**built["training"]),
-        data=DataSettings(**built["data"]),
-        mqtt=None if built["mqtt"] is None else MqttSettings(**built["mqtt"]),
-        trust=TrustSettings(**built["trust"]),
-        model=ModelSettings(**built["model"]),
-        flower=None if built["flower"] is None else FlowerSettings(**built["flower"]),
-        metrics=MetricsSettings(**built["metrics"]),
-    )
+    return SCHEMA.load(path, env=env)
 
 
-def _default(klass: type, key: str) -> Any:
-    for f in dataclasses.fields(klass):
-        if f.name == key:
-            return f.default
-    raise KeyError(key)  # pragma: no cover
+def render_settings(settings: Settings, *, header: str = "") -> str:
+    """``settings`` as a complete ``edge.toml`` (``header``: ``#`` comment lines first)."""
+    return to_toml(settings, header=header)
+
+
+def write_settings(settings: Settings, path: Path, *, header: str = "") -> Path:
+    """Write ``settings`` to ``path`` as a complete ``edge.toml``; returns ``path``."""
+    path.write_text(render_settings(settings, header=header), encoding="utf-8")
+    return path

@@ -29,6 +29,7 @@ answered with ``INTERNAL``, never a crash.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, NoReturn
 
 import grpc
@@ -46,11 +47,28 @@ class EdgeError(Exception):
 
 
 class ConfigError(EdgeError):
-    """Invalid settings; ``problems`` lists every problem found, not only the first."""
+    """Invalid settings; ``problems`` lists every problem found, not only the first.
 
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("invalid edgefl settings: " + "; ".join(self.problems))
+    Given a list, the message is ``invalid <subject>: `` and the problems; given one
+    string, the message is that string (a problem that needs its own explanation).
+    """
+
+    subject = "edgefl settings"
+    """What the settings are, for the message (the cloud's subclass says ``cloud settings``)."""
+
+    def __init__(self, problems: str | Iterable[str]) -> None:
+        if isinstance(problems, str):
+            self.problems = [problems]
+            message = problems
+        else:
+            self.problems = list(problems)
+            message = self.describe(self.problems)
+        super().__init__(message)
+
+    @classmethod
+    def describe(cls, problems: list[str]) -> str:
+        """The message for ``problems``: one line, problems separated by ``; ``."""
+        return f"invalid {cls.subject}: " + "; ".join(problems)
 
 
 class ModelNotFound(EdgeError):

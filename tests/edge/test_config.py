@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from edge import config as edge_config
 from edge.config import DEFAULT_MAX_MESSAGE_BYTES, ConfigError, load_settings
 from tests.edge.helpers import write_config
 
@@ -90,3 +91,85 @@ def test_unreadable_or_invalid_toml(tmp_path: Path) -> None:
     bad.write_text("[grpc\nport = 1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(bad, env={})
+
+
+BAD_EDGE_VALUES: dict[tuple[str, str], object] = {
+    ("grpc", "port"): 65536,
+    ("grpc", "max_batch"): 0,
+    ("grpc", "max_message_bytes"): 1023,
+    ("grpc", "serving_threads"): 65,
+    ("grpc", "grace_s"): -1.0,
+    ("grpc", "drain_delay_s"): -0.5,
+    ("litert", "threads"): 0,
+    ("litert", "delegate"): "gpu",
+    ("training", "epochs"): -1,
+    ("training", "learning_rate"): 0.0,
+    ("training", "batch"): 0,
+    ("training", "proximal_mu"): -0.1,
+    ("training", "seed"): -1,
+    ("data", "capacity"): 0,
+    ("data", "max_mb"): -1,
+    ("mqtt", "host"): "",
+    ("mqtt", "port"): 0,
+    ("mqtt", "keepalive"): 0,
+    ("mqtt", "status_interval_s"): 0.0,
+    ("trust", "min_sequence"): -1,
+    ("model", "name"): "",
+    ("model", "keep_versions"): 0,
+    ("flower", "port"): 70000,
+    ("flower", "task_timeout_s"): 0.0,
+    ("metrics", "port"): -1,
+}
+
+
+def test_every_rule_has_a_bad_value_below() -> None:
+    assert set(BAD_EDGE_VALUES) == set(edge_config.RULES)
+
+
+@pytest.mark.parametrize(("section", "key"), sorted(BAD_EDGE_VALUES))
+def test_every_rule_is_enforced(section: str, key: str) -> None:
+    bad = BAD_EDGE_VALUES[(section, key)]
+    doc: dict[str, dict[str, object]] = {section: {key: bad}}
+    if section == "mqtt":  # [mqtt] needs a host and a signing key; only the bad key fails
+        doc[section].setdefault("host", "broker")
+        doc["trust"] = {"signing_public_key": "/k.pub"}
+    with pytest.raises(ConfigError) as info:
+        edge_config.SCHEMA.from_document(doc, env={})
+    rule = edge_config.RULES[(section, key)]
+    assert info.value.problems == [f"[{section}] {key}: {rule.message} (got {bad!r})"]
+
+
+def test_unknown_keys_of_a_device_section_in_the_environment_are_errors() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, env={"EDGEFL_MODEL_DIR": "m", "EDGEFL_GRPC_": "1"})
+    assert sorted(info.value.problems) == [
+        "environment EDGEFL_GRPC_: names no key",
+        "environment EDGEFL_MODEL_DIR: unknown key 'dir' in [model] "
+        "(known: name, initial_package, keep_versions)",
+    ]
+    # The cloud's variables and the test and bootstrap switches are not the device's.
+    s = load_settings(
+        None, env={"EDGEFL_RUN_NUM_ROUNDS": "x", "EDGEFL_WITH_DEVICES": "1", "EDGEFL_VENV": "/v"}
+    )
+    assert s.grpc.port == 0
+
+
+def test_paths_from_the_environment_stay_relative_to_the_working_directory(
+    tmp_path: Path,
+) -> None:
+    path = write_config(tmp_path / "edge.toml", {"device": {"id": "d"}})
+    assert load_settings(path, env={}).device.data_dir == tmp_path / "edgefl-data"
+    s = load_settings(path, env={"EDGEFL_DEVICE_DATA_DIR": "rel", "EDGEFL_MODEL_INITIAL_PACKAGE": ""})
+    assert s.device.data_dir == Path("rel") and s.model.initial_package is None
+
+
+def test_written_settings_load_back_equal(tmp_path: Path) -> None:
+    s = edge_config.Settings(
+        device=edge_config.DeviceSettings(id='pi "1" \\ 🙂', data_dir=tmp_path / "data"),
+        mqtt=edge_config.MqttSettings(host="b", password_file=tmp_path / "pw"),
+        trust=edge_config.TrustSettings(signing_public_key=tmp_path / "k.pub"),
+        training=edge_config.TrainingSettings(learning_rate=0.05),
+    )
+    path = edge_config.write_settings(s, tmp_path / "edge.toml", header="made here")
+    assert path.read_text().startswith("# made here\n")
+    assert load_settings(path, env={}) == s
