@@ -193,26 +193,14 @@ def rss_mb(pid: int) -> float:
 
 
 def _write_config(root: Path, port: int, package: Path) -> Path:
-    config = root / "edge.toml"
-    config.write_text(
-        "\n".join(
-            [
-                "[device]",
-                'id = "bench-device"',
-                f'data_dir = "{root / "data"}"',
-                "[grpc]",
-                f"port = {port}",
-                "drain_delay_s = 0.1",
-                "grace_s = 1.0",
-                "[model]",
-                f'name = "{MODEL_NAME}"',
-                f'initial_package = "{package}"',
-                "",
-            ]
-        ),
-        encoding="utf-8",
+    from edge import config as edge_config
+
+    settings = edge_config.Settings(
+        device=edge_config.DeviceSettings(id="bench-device", data_dir=root / "data"),
+        grpc=edge_config.GrpcSettings(port=port, drain_delay_s=0.1, grace_s=1.0),
+        model=edge_config.ModelSettings(name=MODEL_NAME, initial_package=package),
     )
-    return config
+    return edge_config.write_settings(settings, root / "edge.toml")
 
 
 def _bare_infer(model_dir: Path, x: np.ndarray, sizes: Sizes) -> LoadResult:

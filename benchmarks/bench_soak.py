@@ -186,32 +186,19 @@ def build_weights(model_dir: Path, clients: int) -> Weights:
 
 def write_device_config(root: Path, broker_host: str, broker_port: int, pubkey: Path) -> Path:
     """``edge.toml`` of the soaked device: free gRPC port, MQTT agent, initial package A."""
+    from edge import config as edge_config
+
     root.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "[device]",
-        f'id = "{DEVICE_ID}"',
-        f'fleet = "{FLEET}"',
-        f'data_dir = "{root / "data"}"',
-        "",
-        "[grpc]",
-        "port = 0",
-        "",
-        "[mqtt]",
-        f'host = "{broker_host}"',
-        f"port = {broker_port}",
-        "status_interval_s = 2.0",
-        "",
-        "[trust]",
-        f'signing_public_key = "{pubkey}"',
-        "",
-        "[model]",
-        f'name = "{MODEL_NAME}"',
-        f'initial_package = "{root / "initial.pkg"}"',
-        "",
-    ]
-    path = root / "edge.toml"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    settings = edge_config.Settings(
+        device=edge_config.DeviceSettings(id=DEVICE_ID, fleet=FLEET, data_dir=root / "data"),
+        grpc=edge_config.GrpcSettings(port=0),
+        mqtt=edge_config.MqttSettings(
+            host=broker_host, port=broker_port, status_interval_s=2.0
+        ),
+        trust=edge_config.TrustSettings(signing_public_key=pubkey),
+        model=edge_config.ModelSettings(name=MODEL_NAME, initial_package=root / "initial.pkg"),
+    )
+    return edge_config.write_settings(settings, root / "edge.toml")
 
 
 def start_device(config: Path, log: Path) -> tuple[ManagedProcess, str]:

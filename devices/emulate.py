@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from cloud.config import toml_string
 from edge.process import ManagedProcess, ProcessError
 
 logger = logging.getLogger(__name__)
@@ -46,34 +45,24 @@ class FleetSpec:
 
 def write_device_config(spec: FleetSpec, name: str, root: Path) -> Path:
     """A plain (loopback, no TLS) ``edge.toml`` for one emulated device."""
+    from edge import config as edge_config
+
     root.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "[device]",
-        f"id = {toml_string(name)}",
-        f"fleet = {toml_string(spec.fleet)}",
-        f"profile = {toml_string(spec.profile)}",
-        f"data_dir = {toml_string(root / 'data')}",
-        "",
-        "[grpc]",
-        "port = 0",
-        "",
-        "[mqtt]",
-        f"host = {toml_string(spec.broker_host)}",
-        f"port = {spec.broker_port}",
-        f"status_interval_s = {spec.status_interval_s}",
-        "",
-        "[trust]",
-        f"signing_public_key = {toml_string(spec.signing_public_key)}",
-        "",
-        "[flower]",
-        f"superlink = {toml_string(spec.superlink)}",
-        "",
-    ]
-    if spec.initial_package is not None:
-        lines += ["[model]", f"initial_package = {toml_string(spec.initial_package)}", ""]
-    path = root / "edge.toml"
-    path.write_text("\n".join(lines))
-    return path
+    settings = edge_config.Settings(
+        device=edge_config.DeviceSettings(
+            id=name, fleet=spec.fleet, profile=spec.profile, data_dir=root / "data"
+        ),
+        grpc=edge_config.GrpcSettings(port=0),
+        mqtt=edge_config.MqttSettings(
+            host=spec.broker_host,
+            port=spec.broker_port,
+            status_interval_s=spec.status_interval_s,
+        ),
+        trust=edge_config.TrustSettings(signing_public_key=spec.signing_public_key),
+        flower=edge_config.FlowerSettings(superlink=spec.superlink),
+        model=edge_config.ModelSettings(initial_package=spec.initial_package),
+    )
+    return edge_config.write_settings(settings, root / "edge.toml")
 
 
 def load_partitions(spec: FleetSpec, data_dirs: list[Path]) -> list[int]:

@@ -70,20 +70,14 @@ def make_package(model_dir: Path, weights: dict[str, np.ndarray] | None = None) 
 # -- config -----------------------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value))
-
-
 def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    """Write a TOML settings file from ``{section: {key: value}}``."""
+    """Write a TOML settings file from ``{section: {key: value}}`` (valid or not)."""
+    from edge.settings import toml_value
+
     lines: list[str] = []
     for section, values in sections.items():
         lines.append(f"[{section}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
         lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
