@@ -2,142 +2,206 @@
 
 ``edgefl cloud init`` writes a complete file; every key has a default here, so a file
 only needs what differs. Environment variables ``EDGEFL_<SECTION>_<KEY>`` override the
-file (``EDGEFL_RUN_NUM_ROUNDS=5``). Unknown sections or keys are errors, and every
-problem in a file is reported at once.
+file (``EDGEFL_RUN_NUM_ROUNDS=5``). Unknown sections or keys, in the file or among
+``EDGEFL_<SECTION>_*`` variables of a cloud section, and values of the wrong type are
+errors; every problem is reported at once in one :class:`ConfigError`. The mechanism
+(types, rules, environment, writer) is :mod:`edge.settings`, shared with the device
+settings.
 
-Relative paths are resolved against the directory that holds the file.
+Relative paths: ``[cloud] data_dir`` resolves against the directory that holds the
+file; every other relative path, from the file or the environment, resolves under
+``data_dir`` (the files the cloud owns live there: ``model.dir = "model"`` is
+``<data_dir>/model``). ``edgefl cloud init`` and :func:`to_toml` write absolute paths.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
+
+from edge.errors import ConfigError as SettingsError
+from edge.settings import Rule, Schema, sections_of, to_toml
+
+__all__ = ["CloudSettings", "ConfigError", "from_dict", "load", "to_toml"]
 
 DEFAULT_FLEET = "demo"
-#: Rounds in one run.
+"""Fleet of a cloud whose file does not say."""
 DEFAULT_NUM_ROUNDS = 10
-#: Seconds the aggregator waits for the replies of one round; slower devices drop out.
+"""Rounds in one run."""
 DEFAULT_ROUND_TIMEOUT_S = 120.0
-#: Largest MQTT message a release is split into (bytes); fits EMQX (1 MB) and AWS IoT (128 KB).
+"""Seconds the aggregator waits for the replies of one round; slower devices drop out."""
 DEFAULT_CHUNK_SIZE = 128 * 1024
-#: Seconds a round waits for its release while the broker is away.
+"""Largest MQTT message a release is split into (bytes); fits EMQX (1 MB) and AWS IoT
+(128 KB)."""
 DEFAULT_RELEASE_WAIT_S = 1800.0
+"""Seconds a round waits for its release while the broker is away."""
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian")
+"""Aggregation strategies ``[run] strategy`` names."""
+EVALUATIONS = ("digits", "none")
+"""Held-out data ``[run] evaluation`` names."""
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+"""Hosts that only this machine reaches."""
 
 
-class ConfigError(ValueError):
-    """A configuration file or override with one or more problems (all listed)."""
+class ConfigError(SettingsError):
+    """A ``cloud.toml`` or override with one or more problems (all listed)."""
+
+    subject = "cloud settings"
+
+    @classmethod
+    def describe(cls, problems: list[str]) -> str:
+        """The message for ``problems``: one per line."""
+        return f"invalid {cls.subject}:\n  - " + "\n  - ".join(problems)
 
 
 @dataclass
 class CloudSection:
-    #: Where the cloud keeps its state (registry, keys, broker data, logs).
+    """``[cloud]``: where the cloud keeps its state and which fleet it runs."""
+
     data_dir: Path = Path("data")
-    #: The fleet name: it is part of every MQTT topic and every release manifest.
+    """Where the cloud keeps its state (registry, keys, broker data, logs)."""
     fleet: str = DEFAULT_FLEET
+    """The fleet name: it is part of every MQTT topic and every release manifest."""
 
 
 @dataclass
 class SuperLinkSection:
+    """``[superlink]``: the Flower SuperLink (its Fleet API is the fleet port)."""
+
     host: str = "127.0.0.1"
-    #: 0 picks a free port at start (printed, and written to data_dir/superlink.port).
+    """Address the fleet port binds."""
     port: int = 0
-    #: TLS certificate/key for the SuperLink and the CA devices use to verify it.
+    """0 picks a free port at start (printed, and written to data_dir/superlink.port)."""
     certfile: Path | None = None
+    """TLS certificate of the SuperLink."""
     keyfile: Path | None = None
+    """TLS private key of the SuperLink."""
     ca_certfile: Path | None = None
-    #: Accept only SuperNodes whose public key was registered (needs TLS).
+    """The CA devices use to verify the SuperLink."""
     supernode_auth: bool = False
+    """Accept only SuperNodes whose public key was registered (needs TLS)."""
 
 
 @dataclass
 class ProxySection:
-    #: Put nginx in front of the SuperLink: superlink.host:superlink.port (the fleet port)
-    #: then serves only the Fleet API, and the SuperLink with its Control API listens on
-    #: loopback only. Turning it off keeps the SuperLink on loopback (cloud up refuses a
-    #: non-loopback superlink.host without the proxy).
+    """``[proxy]``: nginx in front of the SuperLink."""
+
     enabled: bool = True
-    #: The SuperLink's own loopback port behind the proxy (0 picks a free port at start,
-    #: written to data_dir/superlink.port).
+    """superlink.host:superlink.port (the fleet port) then serves only the Fleet API, and
+    the SuperLink with its Control API listens on loopback only. Turning it off keeps the
+    SuperLink on loopback (a non-loopback superlink.host without the proxy is an error)."""
     superlink_port: int = 0
-    #: Largest request body the proxy forwards, in MiB (Fleet messages carry weights).
+    """The SuperLink's own loopback port behind the proxy (0 picks a free port at start,
+    written to data_dir/superlink.port)."""
     max_body_mb: int = 256
+    """Largest request body the proxy forwards, in MiB (Fleet messages carry weights)."""
 
 
 @dataclass
 class BrokerSection:
-    #: Start and supervise a Mosquitto broker; false means use an existing one.
+    """``[broker]``: the MQTT broker releases are published on."""
+
     managed: bool = True
+    """Start and supervise a Mosquitto broker; false means use an existing one."""
     host: str = "127.0.0.1"
+    """Broker address."""
     port: int = 0
-    #: Credentials the cloud uses to publish releases (secure fleets).
+    """Broker port; 0 picks a free one for a managed broker."""
     username: str | None = None
+    """User the cloud publishes releases as (secure fleets)."""
     password_file: Path | None = None
+    """File with that user's password."""
     ca_file: Path | None = None
-    #: TLS and access control files for a managed broker (written by `cloud init --secure`).
+    """CA that signed the broker's certificate; when set, the cloud connects with TLS."""
     certfile: Path | None = None
+    """TLS certificate of a managed broker (written by `cloud init --secure`)."""
     keyfile: Path | None = None
+    """TLS private key of a managed broker."""
     broker_password_file: Path | None = None
+    """Mosquitto password file of a managed broker."""
     acl_file: Path | None = None
+    """Mosquitto ACL file of a managed broker."""
 
 
 @dataclass
 class RegistrySection:
-    #: Any SQLAlchemy URL; empty means SQLite at data_dir/registry.db.
+    """``[registry]``: the model and device registry database."""
+
     url: str = ""
+    """Any SQLAlchemy URL; empty means SQLite at data_dir/registry.db."""
 
 
 @dataclass
 class WebSection:
+    """``[web]``: the operator UI and its JSON API."""
+
     host: str = "127.0.0.1"
+    """Address to bind."""
     port: int = 0
-    #: File holding the operator token that write actions need (mode 0600).
+    """Port to bind; 0 picks a free one."""
     operator_token_file: Path | None = None
+    """File holding the operator token that write actions need (mode 0600)."""
 
 
 @dataclass
 class ModelSection:
-    #: Directory with model.tflite + card.json written by `edgefl model build`.
+    """``[model]``: the model the fleet trains."""
+
     dir: Path = Path("model")
+    """Directory with model.tflite + card.json written by `edgefl model build`."""
 
 
 @dataclass
 class SigningSection:
+    """``[signing]``: the Ed25519 key pair release manifests are signed with."""
+
     private_key: Path = Path("keys/signing.pem")
+    """The private key (mode 0600; only the signer reads it)."""
     public_key: Path = Path("keys/signing.pub")
+    """The public key every device is given."""
 
 
 @dataclass
 class RunSection:
+    """``[run]``: the federated run ``cloud up`` submits."""
+
     num_rounds: int = DEFAULT_NUM_ROUNDS
-    #: fedavg, fedprox, fedadam or fedmedian.
+    """Rounds in one run."""
     strategy: str = "fedavg"
-    #: Fraction of connected devices sampled into each round.
+    """One of :data:`STRATEGIES`."""
     fraction_train: float = 1.0
-    #: Fewest devices a round starts with; a round waits at most `wait_for_nodes_s` for them.
+    """Fraction of connected devices sampled into each round."""
     min_nodes: int = 1
+    """Fewest devices a round starts with; a round waits at most `wait_for_nodes_s` for them."""
     wait_for_nodes_s: float = 60.0
+    """Seconds a round waits for `min_nodes` devices."""
     round_timeout_s: float = DEFAULT_ROUND_TIMEOUT_S
+    """Seconds a round waits for replies; slower devices drop out of it."""
     local_epochs: int = 5
+    """Epochs each device trains per round."""
     learning_rate: float = 0.2
+    """Devices' SGD learning rate."""
     proximal_mu: float = 0.01
-    #: Server-side learning rate for fedadam.
+    """FedProx proximal coefficient (fedprox only)."""
     server_learning_rate: float = 0.05
+    """Server-side learning rate for fedadam."""
     chunk_size: int = DEFAULT_CHUNK_SIZE
-    #: Seconds a round waits for its release while the broker (or the release signer)
-    #: is away; after that the run is interrupted and the next `cloud up` resumes it.
+    """Largest MQTT message a release is split into (bytes)."""
     release_wait_s: float = DEFAULT_RELEASE_WAIT_S
-    #: Held-out data the cloud evaluates each global model on: "digits" or "none".
+    """Seconds a round waits for its release while the broker (or the release signer)
+    is away; after that the run is interrupted and the next `cloud up` resumes it."""
     evaluation: str = "digits"
+    """Held-out data the cloud evaluates each global model on: one of :data:`EVALUATIONS`."""
     seed: int = 0
+    """Seed of sampling and of the cloud's evaluation split."""
 
 
 @dataclass
 class CloudSettings:
+    """Everything the cloud reads at start."""
+
     cloud: CloudSection = field(default_factory=CloudSection)
     superlink: SuperLinkSection = field(default_factory=SuperLinkSection)
     proxy: ProxySection = field(default_factory=ProxySection)
@@ -147,178 +211,124 @@ class CloudSettings:
     model: ModelSection = field(default_factory=ModelSection)
     signing: SigningSection = field(default_factory=SigningSection)
     run: RunSection = field(default_factory=RunSection)
-    #: The file these settings came from (None when built in code).
     source: Path | None = None
+    """The file these settings came from (None when built in code)."""
 
     @property
     def data_dir(self) -> Path:
+        """Where the cloud keeps its state."""
         return self.cloud.data_dir
 
     @property
     def registry_url(self) -> str:
+        """The registry database: ``[registry] url`` or SQLite under data_dir."""
         return self.registry.url or f"sqlite:///{self.data_dir / 'registry.db'}"
 
     def validate(self) -> None:
-        problems: list[str] = []
-        if self.run.strategy not in STRATEGIES:
-            problems.append(
-                f"run.strategy {self.run.strategy!r} is not one of {', '.join(STRATEGIES)}"
-            )
-        if self.run.num_rounds < 1:
-            problems.append("run.num_rounds must be at least 1")
-        if not 0 < self.run.fraction_train <= 1:
-            problems.append("run.fraction_train must be in (0, 1]")
-        if self.run.min_nodes < 1:
-            problems.append("run.min_nodes must be at least 1")
-        if self.run.release_wait_s <= 0:
-            problems.append("run.release_wait_s must be positive")
-        if self.run.round_timeout_s <= 0:
-            problems.append("run.round_timeout_s must be positive")
-        if not 1024 <= self.run.chunk_size <= 64 * 1024 * 1024:
-            problems.append("run.chunk_size must be between 1 KiB and 64 MiB")
-        if self.run.evaluation not in ("digits", "none"):
-            problems.append("run.evaluation must be 'digits' or 'none'")
-        if not self.proxy.enabled and self.superlink.host not in LOOPBACK_HOSTS:
-            problems.append(
-                f"superlink.host {self.superlink.host!r} without [proxy] would open the "
-                "SuperLink's Control API (runs, SuperNode registration) to the network: "
-                "set proxy.enabled = true, or keep superlink.host on loopback"
-            )
-        if self.proxy.max_body_mb < 1:
-            problems.append("proxy.max_body_mb must be at least 1")
-        if self.superlink.supernode_auth and self.superlink.certfile is None:
-            problems.append("superlink.supernode_auth needs TLS (superlink.certfile/keyfile)")
-        from protos.topics import TopicError, check_name
-
-        try:
-            check_name(self.cloud.fleet, what="cloud.fleet")
-        except TopicError as exc:
-            problems.append(str(exc))
-        if problems:
-            raise ConfigError("invalid cloud settings:\n  - " + "\n  - ".join(problems))
+        """Raise :class:`ConfigError` listing every broken rule or check."""
+        SCHEMA.validate(self)
 
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian")
-#: Hosts that only this machine reaches.
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(CloudSettings) if f.name != "source"}
+def _port(check: str = "0..65535") -> Rule:
+    return Rule(lambda v: 0 <= v <= 65535, f"must be in {check}")
 
 
-def _coerce(value: Any, annotation: Any, where: str, problems: list[str]) -> Any:
-    text = str(annotation)
-    if value is None:
-        return None
+RULES: dict[tuple[str, str], Rule] = {
+    ("superlink", "port"): _port(),
+    ("proxy", "superlink_port"): _port(),
+    ("proxy", "max_body_mb"): Rule(lambda v: v >= 1, "must be >= 1"),
+    ("broker", "port"): _port(),
+    ("web", "port"): _port(),
+    ("run", "num_rounds"): Rule(lambda v: v >= 1, "must be >= 1"),
+    ("run", "strategy"): Rule(
+        lambda v: v in STRATEGIES, f"must be one of {', '.join(map(repr, STRATEGIES))}"
+    ),
+    ("run", "fraction_train"): Rule(lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("run", "min_nodes"): Rule(lambda v: v >= 1, "must be >= 1"),
+    ("run", "round_timeout_s"): Rule(lambda v: v > 0, "must be > 0"),
+    ("run", "release_wait_s"): Rule(lambda v: v > 0, "must be > 0"),
+    ("run", "chunk_size"): Rule(
+        lambda v: 1024 <= v <= 64 * 1024 * 1024, "must be between 1 KiB and 64 MiB"
+    ),
+    ("run", "evaluation"): Rule(
+        lambda v: v in EVALUATIONS, f"must be one of {', '.join(map(repr, EVALUATIONS))}"
+    ),
+}
+"""Checks of single keys beyond their types."""
+
+
+def _control_api_stays_private(s: CloudSettings) -> list[str]:
+    if not s.proxy.enabled and s.superlink.host not in LOOPBACK_HOSTS:
+        return [
+            f"superlink.host {s.superlink.host!r} without [proxy] would open the "
+            "SuperLink's Control API (runs, SuperNode registration) to the network: "
+            "set proxy.enabled = true, or keep superlink.host on loopback"
+        ]
+    return []
+
+
+def _supernode_auth_needs_tls(s: CloudSettings) -> list[str]:
+    if s.superlink.supernode_auth and s.superlink.certfile is None:
+        return ["superlink.supernode_auth needs TLS (superlink.certfile/keyfile)"]
+    return []
+
+
+def _fleet_is_a_topic_name(s: CloudSettings) -> list[str]:
+    from protos.topics import TopicError, check_name
+
     try:
-        if "Path" in text:
-            if "\0" in str(value):
-                raise ValueError(value)
-            return Path(str(value))
-        if annotation is bool or text == "bool":
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            if not isinstance(value, bool):
-                raise ValueError(value)
-            return value
-        if annotation is int or text == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            return int(value)
-        if annotation is float or text == "float":
-            if isinstance(value, bool):
-                raise ValueError(value)
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError, OverflowError):
-        problems.append(f"{where}: {value!r} is not a valid {text.replace('pathlib.', '')}")
-        return None
+        check_name(s.cloud.fleet, what="cloud.fleet")
+    except TopicError as exc:
+        return [str(exc)]
+    return []
+
+
+def _anchor_paths(
+    s: CloudSettings, base_dir: Path | None, given: frozenset[tuple[str, str]]
+) -> CloudSettings:
+    """data_dir against the file's directory, every other relative path under data_dir."""
+    if base_dir is None:
+        return s
+    data = (base_dir / s.cloud.data_dir).resolve()
+    s.cloud.data_dir = data
+    for name, info in sections_of(CloudSettings).items():
+        section = getattr(s, name)
+        for key in info.path_keys():
+            value = getattr(section, key)
+            if (name, key) != ("cloud", "data_dir") and value and not value.is_absolute():
+                setattr(section, key, (data / value).resolve())
+    return s
+
+
+SCHEMA = Schema(
+    CloudSettings,
+    error=ConfigError,
+    rules=RULES,
+    checks=[_control_api_stays_private, _supernode_auth_needs_tls, _fleet_is_a_topic_name],
+    relative_to_file=False,
+    finish=_anchor_paths,
+    missing_hint="create one with `edgefl cloud init`",
+)
+"""How ``cloud.toml`` is read and checked."""
 
 
 def from_dict(
-    doc: dict[str, Any], *, base_dir: Path | None = None, env: dict[str, str] | None = None
+    doc: Mapping[str, Any],
+    *,
+    base_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> CloudSettings:
-    """Build settings from a parsed TOML document plus ``EDGEFL_*`` overrides."""
-    env = dict(os.environ) if env is None else env
-    problems: list[str] = []
-    settings = CloudSettings()
-    for section in doc:
-        if section not in _SECTIONS:
-            problems.append(f"unknown section [{section}] (known: {', '.join(_SECTIONS)})")
-    for section_name in _SECTIONS:
-        section = getattr(settings, section_name)
-        hints = get_type_hints(type(section))
-        values = doc.get(section_name, {})
-        if not isinstance(values, dict):
-            problems.append(f"[{section_name}] must be a table")
-            continue
-        for key in values:
-            if key not in hints:
-                problems.append(f"unknown key {section_name}.{key} (known: {', '.join(hints)})")
-        for key, annotation in hints.items():
-            env_key = f"EDGEFL_{section_name}_{key}".upper()
-            if env_key in env:
-                raw: Any = env[env_key]
-            elif key in values:
-                raw = values[key]
-            else:
-                continue
-            setattr(section, key, _coerce(raw, annotation, f"{section_name}.{key}", problems))
-    if problems:
-        raise ConfigError("invalid cloud settings:\n  - " + "\n  - ".join(problems))
-    if base_dir is not None:
-        _resolve_paths(settings, base_dir)
-    settings.validate()
+    """Build settings from a parsed TOML document plus ``EDGEFL_*`` overrides.
+
+    ``env`` defaults to ``os.environ``; ``base_dir`` is the file's directory (relative
+    paths stay relative without it).
+    """
+    return SCHEMA.from_document(doc, base_dir=base_dir, env=env)
+
+
+def load(path: Path, *, env: Mapping[str, str] | None = None) -> CloudSettings:
+    """Read ``cloud.toml`` at ``path`` with ``EDGEFL_*`` overrides from ``env``."""
+    settings = SCHEMA.load(path, env=env)
+    settings.source = Path(path).resolve()
     return settings
 
-
-def _resolve_paths(settings: CloudSettings, base: Path) -> None:
-    settings.cloud.data_dir = (base / settings.cloud.data_dir).resolve()
-    data = settings.cloud.data_dir
-    for section_name in _SECTIONS:
-        section = getattr(settings, section_name)
-        for f in dataclasses.fields(section):
-            value = getattr(section, f.name)
-            if isinstance(value, Path) and not value.is_absolute() and f.name != "data_dir":
-                # Files the cloud owns live under data_dir; the rest next to the file.
-                setattr(section, f.name, (data / value).resolve())
-
-
-def load(path: Path, *, env: dict[str, str] | None = None) -> CloudSettings:
-    try:
-        doc = tomllib.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: no such file (create one with `edgefl cloud init`)") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    settings = from_dict(doc, base_dir=path.resolve().parent, env=env)
-    settings.source = path.resolve()
-    return settings
-
-
-def to_toml(settings: CloudSettings) -> str:
-    """Render settings as TOML (paths absolute), the inverse of :func:`load`."""
-    lines: list[str] = []
-    for section_name in _SECTIONS:
-        section = getattr(settings, section_name)
-        lines.append(f"[{section_name}]")
-        for f in dataclasses.fields(section):
-            value = getattr(section, f.name)
-            if value is None:
-                continue
-            if isinstance(value, bool):
-                lines.append(f"{f.name} = {'true' if value else 'false'}")
-            elif isinstance(value, int | float):
-                lines.append(f"{f.name} = {value}")
-            else:
-                lines.append(f"{f.name} = {toml_string(str(value))}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def toml_string(value: object) -> str:
-    """A TOML basic string for ``str(value)`` (JSON string escapes are valid TOML)."""
-    return json.dumps(str(value))

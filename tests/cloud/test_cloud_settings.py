@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -39,19 +40,24 @@ def test_settings_report_every_problem_at_once() -> None:
         cloud_config.from_dict(
             {
                 "run": {"strategy": "fedfoo", "num_rounds": 0, "fraction_train": 2.0, "typo": 1},
+                "web": {"port": "8080"},
                 "bogus": {},
-            }
+            },
+            env={"EDGEFL_RUN_SEED": "x"},
         )
-    text = str(info.value)
-    for expected in ("unknown section [bogus]", "unknown key run.typo"):
-        assert expected in text
-    with pytest.raises(cloud_config.ConfigError) as info:
-        cloud_config.from_dict(
-            {"run": {"strategy": "fedfoo", "num_rounds": 0, "fraction_train": 2.0}}
-        )
-    text = str(info.value)
-    for expected in ("run.strategy", "num_rounds", "fraction_train"):
-        assert expected in text
+    problems = info.value.problems
+    for expected in (
+        "unknown section [bogus]",
+        "[run] typo: unknown key",
+        "[web] port: must be int, got str",
+        "environment EDGEFL_RUN_SEED: 'x' is not a valid int",
+        "[run] strategy: must be one of 'fedavg', 'fedprox', 'fedadam', 'fedmedian'",
+        "[run] num_rounds: must be >= 1 (got 0)",
+        "[run] fraction_train: must be in (0, 1] (got 2.0)",
+    ):
+        assert any(p.startswith(expected) for p in problems), expected
+    assert len(problems) == 7
+    assert str(info.value).startswith("invalid cloud settings:\n  - ")
 
 
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
@@ -60,15 +66,118 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
     s = cloud_config.load(conf, env={"EDGEFL_RUN_NUM_ROUNDS": "7"})
     assert s.run.num_rounds == 7
     assert s.data_dir == (tmp_path / "data").resolve()
+    assert cloud_config.load(conf, env={"EDGEFL_PROXY_ENABLED": "off"}).proxy.enabled is False
     with pytest.raises(cloud_config.ConfigError, match="not a valid"):
         cloud_config.load(conf, env={"EDGEFL_RUN_NUM_ROUNDS": "many"})
 
 
+def test_unknown_edgefl_variables_of_a_cloud_section_are_errors(tmp_path: Path) -> None:
+    """A typo in an operator's environment used to do nothing at all (#14)."""
+    conf = tmp_path / "cloud.toml"
+    conf.write_text("[run]\nnum_rounds = 4\n")
+    with pytest.raises(cloud_config.ConfigError) as info:
+        cloud_config.load(
+            conf, env={"EDGEFL_RUN_NUM_ROUDNS": "7", "EDGEFL_WEB_": "1", "EDGEFL_MODEL_NAME": "x"}
+        )
+    assert sorted(info.value.problems) == [
+        "environment EDGEFL_MODEL_NAME: unknown key 'name' in [model] (known: dir)",
+        "environment EDGEFL_RUN_NUM_ROUDNS: unknown key 'num_roudns' in [run] (known: "
+        + ", ".join(f.name for f in dataclasses.fields(cloud_config.RunSection))
+        + ")",
+        "environment EDGEFL_WEB_: names no key",
+    ]
+    # Variables of the device side, the test tools and bootstrap are not the cloud's.
+    s = cloud_config.load(
+        conf,
+        env={
+            "EDGEFL_DEVICE_DATA_DIR": "/x",
+            "EDGEFL_GRPC_PORT": "0",
+            "EDGEFL_WITH_BROWSER": "1",
+            "EDGEFL_TEST_MODEL_CACHE": "0",
+            "EDGEFL_VENV": "/v",
+        },
+    )
+    assert s.run.num_rounds == 4
+
+
+def test_relative_paths_resolve_as_the_docstring_says(tmp_path: Path) -> None:
+    """data_dir next to the file; every other relative path under data_dir (#14)."""
+    assert "every other relative path" in (cloud_config.__doc__ or "")
+    conf = tmp_path / "conf" / "cloud.toml"
+    conf.parent.mkdir()
+    conf.write_text(
+        '[cloud]\ndata_dir = "state"\n[model]\ndir = "model"\n'
+        '[signing]\npublic_key = "/etc/fleet/signing.pub"\n'
+    )
+    s = cloud_config.load(conf, env={"EDGEFL_WEB_OPERATOR_TOKEN_FILE": "token"})
+    data = (tmp_path / "conf" / "state").resolve()
+    assert s.data_dir == data
+    assert s.model.dir == data / "model"
+    assert s.signing.private_key == data / "keys" / "signing.pem"  # a default
+    assert s.signing.public_key == Path("/etc/fleet/signing.pub")
+    assert s.web.operator_token_file == data / "token"  # from the environment
+    assert s.broker.ca_file is None
+    # Without a file, nothing is anchored.
+    assert cloud_config.from_dict({"model": {"dir": "m"}}, env={}).model.dir == Path("m")
+
+
+@pytest.mark.parametrize("key", sorted(k for s, k in cloud_config.RULES))
+def test_every_rule_is_enforced(key: str) -> None:
+    (section, _), rule = next(((s, k), r) for (s, k), r in cloud_config.RULES.items() if k == key)
+    with pytest.raises(cloud_config.ConfigError) as info:
+        cloud_config.from_dict({section: {key: BAD_CLOUD_VALUES[(section, key)]}}, env={})
+    assert info.value.problems == [
+        f"[{section}] {key}: {rule.message} (got {BAD_CLOUD_VALUES[(section, key)]!r})"
+    ]
+
+
+BAD_CLOUD_VALUES: dict[tuple[str, str], object] = {
+    ("superlink", "port"): 65536,
+    ("proxy", "superlink_port"): -1,
+    ("proxy", "max_body_mb"): 0,
+    ("broker", "port"): 70000,
+    ("web", "port"): -5,
+    ("run", "num_rounds"): 0,
+    ("run", "strategy"): "fedsgd",
+    ("run", "fraction_train"): 0.0,
+    ("run", "min_nodes"): 0,
+    ("run", "round_timeout_s"): 0.0,
+    ("run", "release_wait_s"): -1.0,
+    ("run", "chunk_size"): 1023,
+    ("run", "evaluation"): "mnist",
+}
+
+
+def test_every_rule_has_a_bad_value_above() -> None:
+    assert set(BAD_CLOUD_VALUES) == set(cloud_config.RULES)
+
+
+def test_checks_across_keys() -> None:
+    with pytest.raises(cloud_config.ConfigError) as info:
+        cloud_config.from_dict(
+            {
+                "cloud": {"fleet": "lab#1"},
+                "superlink": {"host": "0.0.0.0", "supernode_auth": True},
+                "proxy": {"enabled": False},
+            },
+            env={},
+        )
+    text = str(info.value)
+    assert "Control API" in text and "supernode_auth needs TLS" in text and "cloud.fleet" in text
+    assert len(info.value.problems) == 3
+
+
 def test_settings_round_trip_through_toml(tmp_path: Path) -> None:
-    s = cloud_config.from_dict({"run": {"num_rounds": 3, "strategy": "fedprox"}}, base_dir=tmp_path)
+    s = cloud_config.from_dict(
+        {"run": {"num_rounds": 3, "strategy": "fedprox"}, "cloud": {"fleet": "lab-1"}},
+        base_dir=tmp_path,
+        env={},
+    )
+    s.broker.username = 'odd "name" \\ é 🙂'
     (tmp_path / "again.toml").write_text(cloud_config.to_toml(s))
-    again = cloud_config.load(tmp_path / "again.toml")
-    assert again.run == s.run and again.signing == s.signing
+    again = cloud_config.load(tmp_path / "again.toml", env={})
+    again.source = None
+    assert again == s
 
 
 def test_init_writes_keys_privately_and_refuses_to_overwrite(
