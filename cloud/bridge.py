@@ -26,13 +26,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cloud.errors import CloudError
 from protos import topics
 
 #: Seconds Mosquitto waits before reconnecting a bridge that dropped: first, then at most.
 RESTART_TIMEOUT_S = (1, 30)
 
 
-class BridgeError(ValueError):
+class BridgeError(CloudError, ValueError):
     """A bridge configuration that Mosquitto would refuse or misread."""
 
 

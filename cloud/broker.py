@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cloud.bridge import BridgeConfig
+from cloud.errors import CloudError
 from edge.process import ManagedProcess, ProcessError, free_port
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def message_size_limit_for(chunk_size: int) -> int:
     return max(DEFAULT_MESSAGE_SIZE_LIMIT, chunk_size + MESSAGE_SIZE_MARGIN)
 
 
-class BrokerError(RuntimeError):
+class BrokerError(CloudError, RuntimeError):
     """Mosquitto is missing, misconfigured or did not start."""
 
 

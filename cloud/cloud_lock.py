@@ -22,12 +22,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from cloud.errors import CloudError
+
 LOCK_NAME = "cloud.lock"
 #: Looks at a lock held by someone who has not said who they are, before refusing.
 _ATTEMPTS = 5
 
 
-class CloudRunningError(RuntimeError):
+class CloudRunningError(CloudError, RuntimeError):
     """Another cloud already runs on this data directory."""
 
     def __init__(self, info: CloudInfo, data_dir: Path) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cloud.errors import CloudError
 from edge.errors import ConfigError as SettingsError
 from edge.settings import Rule, Schema, sections_of, to_toml
 
@@ -45,7 +46,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 """Hosts that only this machine reaches."""
 
 
-class ConfigError(SettingsError):
+class ConfigError(CloudError, SettingsError, ValueError):
     """A ``cloud.toml`` or override with one or more problems (all listed)."""
 
     subject = "cloud settings"

@@ -30,6 +30,7 @@ from typing import TypeVar
 
 import paho.mqtt.client as mqtt
 
+from cloud.errors import CloudError
 from edge.mqtt_util import (
     DEFAULT_RECONNECT_MAX_S,
     DEFAULT_RECONNECT_MIN_S,
@@ -61,7 +62,7 @@ MAX_REPORT_BYTES = 64 * 1024
 _STOP = ("", b"")
 
 
-class FleetTimeout(TimeoutError):
+class FleetTimeout(CloudError, TimeoutError):
     """The fleet did not reach the awaited state in time."""
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from cloud.errors import CloudError
 from edge.process import connect_host
 
 
-class PortInUseError(RuntimeError):
+class PortInUseError(CloudError, RuntimeError):
     """A port the cloud is configured to listen on is taken by another process."""
 
 

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cloud.errors import CloudError
 from edge.process import ManagedProcess, ProcessError, connect_host
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ DEFAULT_MAX_BODY_MB = 256
 UPSTREAM_TIMEOUT_S = 300
 
 
-class ProxyError(RuntimeError):
+class ProxyError(CloudError, RuntimeError):
     """nginx is missing, misconfigured or did not start."""
 
 

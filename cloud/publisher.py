@@ -29,6 +29,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from cloud.errors import CloudError
 from edge.mqtt_util import Endpoint, make_client, reason_failed, unique_client_id, wait_for_mids
 from protos import codec, signing, topics
 from protos.errors import CodecError
@@ -44,7 +45,7 @@ DEFAULT_TIMEOUT_S = 30.0
 MAX_SEQUENCE_AHEAD_S = 24 * 3600.0
 
 
-class PublishError(RuntimeError):
+class PublishError(CloudError, RuntimeError):
     """The broker refused, or did not acknowledge in time, part of a release."""
 
 

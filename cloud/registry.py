@@ -55,6 +55,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
 from cloud import migrations
+from cloud.errors import CloudError
 from cloud.registry_models import (
     ArtifactRow,
     DeviceRow,
@@ -88,7 +89,7 @@ _CHANGES_KEY = "changes"
 _WRITE_OPTION = "edgefl_write"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(CloudError, RuntimeError):
     """Base class of every error the registry raises."""
 
 

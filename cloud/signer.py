@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from cloud.config import CloudSettings
+from cloud.errors import CloudError
 from cloud.registry import Registry
 from protos import codec, signing
 
@@ -70,7 +71,7 @@ EVENT_SOURCE = "cloud"
 RELEASED_EVENT_KIND = "release published"
 
 
-class SignerError(RuntimeError):
+class SignerError(CloudError, RuntimeError):
     """The signer refused a release (the request or the version is wrong)."""
 
 

@@ -32,6 +32,7 @@ from cloud import config as cloud_config
 from cloud.broker import Broker, BrokerConfig, message_size_limit_for
 from cloud.cloud_lock import CloudLock
 from cloud.config import CloudSettings
+from cloud.errors import CloudError
 from cloud.ports import check_port_free
 from cloud.proxy import FleetProxy
 from cloud.signer import SignerService
@@ -51,7 +52,7 @@ REFUSED_EVENT_KIND = "control_refused"
 REFUSAL_POLL_S = 2.0
 
 
-class CloudError(RuntimeError):
+class StackError(CloudError, RuntimeError):
     """The cloud stack could not start or a run could not be submitted."""
 
 
@@ -517,7 +518,7 @@ class CloudStack:
         design (``benchmarks/legacy_flower_app``).
         """
         if self.superlink is None:
-            raise CloudError("the SuperLink is not running")
+            raise StackError("the SuperLink is not running")
         run_config = f'cloud-config="{self.runtime_path}"'
         if self.num_rounds:
             run_config += f" num-rounds={self.num_rounds}"
@@ -534,9 +535,9 @@ class CloudStack:
         try:
             doc = json.loads(res.stdout)
         except ValueError as exc:
-            raise CloudError(f"flwr run failed: {res.stdout[-800:]} {res.stderr[-800:]}") from exc
+            raise StackError(f"flwr run failed: {res.stdout[-800:]} {res.stderr[-800:]}") from exc
         if not doc.get("success"):
-            raise CloudError(f"flwr run failed: {doc.get('error-message', doc)}")
+            raise StackError(f"flwr run failed: {doc.get('error-message', doc)}")
         with self._lock:
             self.flower_run_id = str(doc.get("run-id"))
             self.run_active = True
@@ -594,7 +595,7 @@ class CloudStack:
 
         A SuperLink that dies meanwhile is restarted by the watchdog and the run
         resubmitted (:meth:`resubmit_after_restart`); only a watchdog that gave up ends
-        the wait early, with :class:`CloudError`.
+        the wait early, with :class:`StackError`.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -603,9 +604,9 @@ class CloudStack:
                 if status.startswith("finished"):
                     return status
                 if self.watchdog.failed.is_set():
-                    raise CloudError(self.watchdog.failure)
+                    raise StackError(self.watchdog.failure)
                 if deadline is not None and time.monotonic() > deadline:
-                    raise CloudError(
+                    raise StackError(
                         f"run {self.flower_run_id} still {status} after {timeout:.0f}s"
                     )
                 if on_progress is not None:
@@ -709,7 +710,7 @@ def init_cloud(
     directory = directory.resolve()
     conf = directory / "cloud.toml"
     if conf.exists() and not force:
-        raise CloudError(f"{conf} exists; pass --force to overwrite it (keys are kept)")
+        raise StackError(f"{conf} exists; pass --force to overwrite it (keys are kept)")
     data = directory / "data"
     settings = cloud_config.CloudSettings()
     settings.cloud.data_dir = data
@@ -845,4 +846,12 @@ def write_initial_package(settings: CloudSettings) -> Path:
     return path
 
 
-__all__ = ["CloudActions", "CloudError", "CloudStack", "FlowerError", "init_cloud", "read_token"]
+__all__ = [
+    "CloudActions",
+    "CloudError",
+    "CloudStack",
+    "FlowerError",
+    "StackError",
+    "init_cloud",
+    "read_token",
+]

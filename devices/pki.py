@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from devices.errors import DevicesError
+
 #: Lifetime of the fleet CA.
 CA_DAYS = 3650
 #: Lifetime of a server certificate (reissue with ``init_secure``; devices are unaffected).
@@ -34,7 +36,7 @@ SERVER_DAYS = 825
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1")
 
 
-class PKIError(ValueError):
+class PKIError(DevicesError, ValueError):
     """A host name that cannot go into a certificate, or a key file of the wrong kind."""
 
 

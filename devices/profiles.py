@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Union
 
+from devices.errors import DevicesError
 from edge.config import LITERT_DELEGATES
 from protos.topics import TopicError, check_name
 
@@ -37,7 +38,7 @@ DELEGATES = LITERT_DELEGATES
 PYTHONS = ("3.11", "3.12", "3.13")
 
 
-class ProfileError(ValueError):
+class ProfileError(DevicesError, ValueError):
     """A profile that does not exist or does not validate; ``problems`` lists every issue."""
 
     def __init__(self, source: str, problems: list[str]) -> None:

@@ -44,6 +44,7 @@ from typing import Any
 
 from cloud.broker import hash_password
 from devices import pki
+from devices.errors import DevicesError
 from protos import signing, topics
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ DEFAULT_SUPERLINK_PORT = 9092
 PASSWORD_BYTES = 24
 
 
-class FleetError(RuntimeError):
+class FleetError(DevicesError, RuntimeError):
     """A secure-fleet operation that cannot be done (missing setup, unknown device...)."""
 
 

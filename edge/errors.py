@@ -1,10 +1,13 @@
-"""Errors of the device side, and the one table that maps them to gRPC status codes.
+"""The errors of the edge package: one tree, rooted at :class:`EdgeError`.
 
-Every domain object in :mod:`edge` raises one of these; servicers catch them at the
-boundary and abort the call with the status code from :data:`GRPC_STATUS`::
+Every error the device side raises is an :class:`EdgeError`, so a caller can catch
+the package's errors in one clause. Where an error also is a standard kind (a bad
+value, a failed runtime step), it keeps that base too (``ValueError``,
+``RuntimeError``). The classes defined in other modules are listed with them::
 
     EdgeError
     ├── ConfigError          the settings file or EDGEFL_* variables are invalid (all problems)
+    │                        (cloud.config.ConfigError is one too)
     ├── ModelNotFound        unknown model name or version               → NOT_FOUND
     ├── ModelNotLoaded       no model is being served yet                → UNAVAILABLE
     ├── InvalidInput         a request does not fit the model card       → INVALID_ARGUMENT
@@ -17,24 +20,29 @@ boundary and abort the call with the status code from :data:`GRPC_STATUS`::
     │                        unknown content keys or message type)       → PERMISSION_DENIED
     ├── TrainingCancelled    a Fit stopped between steps (task timed out, run stopped,
     │                        device shutting down)                       → CANCELLED
-    └── DataError            the local sample store failed               → INTERNAL
-        ├── NoLocalData      training/evaluation with no samples stored  → FAILED_PRECONDITION
-        └── NoRoomForSamples the disk budget leaves no room for samples  → RESOURCE_EXHAUSTED
+    ├── DataError            the local sample store failed               → INTERNAL
+    │   ├── NoLocalData      training/evaluation with no samples stored  → FAILED_PRECONDITION
+    │   └── NoRoomForSamples the disk budget leaves no room for samples  → RESOURCE_EXHAUSTED
+    ├── model_card.ModelCardError         a model card is malformed (ValueError)
+    ├── litert_model.ModelContractError   a .tflite lacks the card's signatures (ValueError)
+    ├── litert_model.WeightMismatchError  weights do not fit the runtime model (ValueError)
+    ├── model_check.UnsafeModelError      a model crashed or hung in the sandbox (RuntimeError)
+    ├── run_approval.ApprovalError        a run approval is missing or not the fleet's (ValueError)
+    ├── process.ProcessError              a child process did not start or get ready (RuntimeError)
+    ├── mqtt_util.MqttError               a broker connection or request failed (RuntimeError)
+    ├── flower_node.FlowerError           a Flower process or CLI call failed (RuntimeError)
+    └── server.BindError                  the gRPC server could not bind (RuntimeError)
 
-:class:`protos.errors.CodecError` (malformed wire data) maps to ``INVALID_ARGUMENT``.
-Anything else reaching a servicer is a bug: it is logged with its traceback and
-answered with ``INTERNAL``, never a crash.
+The status codes on the right are the gRPC layer's (:data:`edge.grpc_status.GRPC_STATUS`);
+this module imports no grpc. :class:`protos.errors.CodecError` (malformed wire data) is
+the protos package's tree and maps to ``INVALID_ARGUMENT``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, NoReturn
-
-import grpc
-
-from protos.errors import CodecError
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from edge.litert_model import WeightMismatchError
@@ -135,45 +143,3 @@ class NoLocalData(DataError):
 
 class NoRoomForSamples(DataError):
     """``[data] max_mb`` leaves no room for a single sample (the models take it all)."""
-
-
-#: Exception class → gRPC status code. The most specific class in an error's MRO wins.
-GRPC_STATUS: dict[type[BaseException], grpc.StatusCode] = {
-    CodecError: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    ModelNotLoaded: grpc.StatusCode.UNAVAILABLE,
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    DigestMismatch: grpc.StatusCode.INVALID_ARGUMENT,
-    StoreCorrupt: grpc.StatusCode.DATA_LOSS,
-    StoreError: grpc.StatusCode.INTERNAL,
-    InstallError: grpc.StatusCode.FAILED_PRECONDITION,
-    TaskRefused: grpc.StatusCode.PERMISSION_DENIED,
-    TrainingCancelled: grpc.StatusCode.CANCELLED,
-    NoLocalData: grpc.StatusCode.FAILED_PRECONDITION,
-    NoRoomForSamples: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DataError: grpc.StatusCode.INTERNAL,
-    ConfigError: grpc.StatusCode.INTERNAL,
-    EdgeError: grpc.StatusCode.INTERNAL,
-}
-
-
-def grpc_status(exc: BaseException) -> grpc.StatusCode:
-    """The status code for ``exc``: its most specific class found in :data:`GRPC_STATUS`."""
-    for klass in type(exc).__mro__:
-        code = GRPC_STATUS.get(klass)
-        if code is not None:
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
-def abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> NoReturn:
-    """Abort the call with the status mapped from ``exc``; unknown errors are logged."""
-    code = grpc_status(exc)
-    if isinstance(exc, EdgeError | CodecError):
-        logger.info("%s: %s: %s", method, code.name, exc)
-        message = str(exc)
-    else:
-        logger.exception("%s: unexpected error", method, exc_info=exc)
-        message = f"internal error: {type(exc).__name__}"
-    context.abort(code, message)
-    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises

@@ -18,12 +18,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge.errors import EdgeError
 from edge.process import ManagedProcess, ProcessError, connect_host, free_port, tool_env
 
 logger = logging.getLogger(__name__)
 
 
-class FlowerError(RuntimeError):
+class FlowerError(EdgeError, RuntimeError):
     """A Flower process did not start, or a Flower CLI call failed."""
 
 

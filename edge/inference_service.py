@@ -54,7 +54,8 @@ from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 
 from edge.cli import version as edgefl_version
-from edge.errors import InvalidInput, ModelNotFound, abort
+from edge.errors import InvalidInput, ModelNotFound
+from edge.grpc_status import abort
 from edge.model_card import ModelCard
 from edge.serving import Serving, ServingModel
 from protos import codec

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-from edge.errors import TrainingCancelled
+from edge.errors import EdgeError, TrainingCancelled
 from edge.model_card import ModelCard
 
 logger = logging.getLogger(__name__)
@@ -35,11 +35,11 @@ _TRAIN_OUTPUTS = frozenset({"loss", "correct"})
 _PROB_FLOOR = 1e-7
 
 
-class ModelContractError(ValueError):
+class ModelContractError(EdgeError, ValueError):
     """The ``.tflite`` file does not implement the model contract its card describes."""
 
 
-class WeightMismatchError(ValueError):
+class WeightMismatchError(EdgeError, ValueError):
     """Weights offered to :meth:`LiteRTModel.set_weights` do not match the card.
 
     ``problems`` lists every missing, unexpected, mis-shaped or mis-typed weight.

@@ -6,7 +6,8 @@ import logging
 
 import grpc
 
-from edge.errors import InvalidInput, abort
+from edge.errors import InvalidInput
+from edge.grpc_status import abort
 from edge.local_data import LocalData
 from protos import codec
 from protos.edgefl.v1 import local_data_pb2, local_data_pb2_grpc

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge.errors import EdgeError
+
 logger = logging.getLogger(__name__)
 
 CARD_FORMAT = "edgefl.model-card/1"
@@ -59,7 +61,7 @@ _TOP_KEYS = frozenset(
 )
 
 
-class ModelCardError(ValueError):
+class ModelCardError(EdgeError, ValueError):
     """A card is malformed; ``problems`` lists every problem found."""
 
     def __init__(self, problems: list[str]) -> None:

@@ -26,6 +26,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from edge.errors import EdgeError
+
 logger = logging.getLogger(__name__)
 
 #: Seconds the child may take to load and run the model.
@@ -35,7 +37,7 @@ _checked: set[str] = set()
 _lock = threading.Lock()
 
 
-class UnsafeModelError(RuntimeError):
+class UnsafeModelError(EdgeError, RuntimeError):
     """The model crashed, hung or failed in the sandbox process."""
 
 

@@ -34,6 +34,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge.errors import EdgeError
+
 logger = logging.getLogger(__name__)
 
 #: The MQTT protocol version every edgefl client speaks.
@@ -48,7 +50,7 @@ DEFAULT_RECONNECT_MAX_S = 30.0
 _client_counter = itertools.count(1)
 
 
-class MqttError(RuntimeError):
+class MqttError(EdgeError, RuntimeError):
     """A connection that could not be made or a request the broker refused."""
 
 

@@ -20,10 +20,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from edge.errors import EdgeError
+
 logger = logging.getLogger(__name__)
 
 
-class ProcessError(RuntimeError):
+class ProcessError(EdgeError, RuntimeError):
     """A child process that failed to start or to become ready."""
 
 

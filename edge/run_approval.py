@@ -44,6 +44,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edge.errors import EdgeError
 from protos.signing import key_id
 
 #: Content key of the approval record in every message of an approved run.
@@ -54,7 +55,7 @@ _MAX_U64 = 2**64 - 1
 _FIELDS = ("fleet", "run-id", "issued-at", "key-id", "signature")
 
 
-class ApprovalError(ValueError):
+class ApprovalError(EdgeError, ValueError):
     """An approval that is missing, malformed, for another run or fleet, or not signed by the fleet."""
 
 

@@ -51,7 +51,7 @@ from grpc_reflection.v1alpha import reflection
 
 from edge import inference_service, local_data_service, trainer_service
 from edge.config import Settings, load_settings
-from edge.errors import ConfigError
+from edge.errors import ConfigError, EdgeError
 from edge.model_store import atomic_write
 from edge.node import EdgeNode
 from edge.serving import ServingModel
@@ -65,7 +65,7 @@ READY_LINE = "edgefl edge: serving on {host}:{port}"
 _NEEDS_MODEL = (inference_service.SERVICE_NAME, trainer_service.SERVICE_NAME)
 
 
-class BindError(RuntimeError):
+class BindError(EdgeError, RuntimeError):
     """The gRPC server could not bind its address."""
 
 

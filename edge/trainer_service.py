@@ -30,7 +30,8 @@ import grpc
 import numpy as np
 
 from edge.config import TrainingSettings
-from edge.errors import InvalidInput, ModelNotFound, NoLocalData, WeightMismatch, abort
+from edge.errors import InvalidInput, ModelNotFound, NoLocalData, WeightMismatch
+from edge.grpc_status import abort
 from edge.litert_model import LiteRTModel
 from edge.local_data import LocalData
 from edge.serving import Serving, ServingModel

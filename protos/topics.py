@@ -17,11 +17,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from protos.errors import CodecError
+
 PREFIX = "edgefl"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-class TopicError(ValueError):
+class TopicError(CodecError):
     """A fleet or device name that cannot be used in a topic, or an unknown topic."""
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.authoring.opcheck import OpCheckReport, check_bytes
+from cloud.errors import CloudError
 from edge.model_card import ModelCard, OptimizerSpec, TensorSpec, WeightSpec
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ DEFAULT_LEARNING_RATES = {"mlp": 0.3, "cnn": 0.2}
 """SGD learning rates that train sklearn digits (scaled to [0, 1]) well with batch 32."""
 
 
-class BuildError(RuntimeError):
+class BuildError(CloudError, RuntimeError):
     """The model could not be converted to a builtin-ops-only LiteRT model."""
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from ai_edge_litert import schema_py_generated as schema
 
+from cloud.errors import CloudError
+
 logger = logging.getLogger(__name__)
 
 _BUILTIN_NAMES: dict[int, str] = {
@@ -26,7 +28,7 @@ _BUILTIN_NAMES: dict[int, str] = {
 TFLITE_IDENTIFIER = b"TFL3"
 
 
-class OpCheckError(ValueError):
+class OpCheckError(CloudError, ValueError):
     """The bytes are not a readable TFLite flatbuffer."""
 
 

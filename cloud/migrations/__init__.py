@@ -28,6 +28,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, inspect, text
 
+from cloud.errors import CloudError
+
 logger = logging.getLogger(__name__)
 
 #: The revision that describes edgefl-fleet 0.1.0's schema (made by ``create_all``).
@@ -52,7 +54,7 @@ PG_LOCK_KEY = 0x0EDF_1001
 _HERE = Path(__file__).resolve().parent
 
 
-class MigrationError(RuntimeError):
+class MigrationError(CloudError, RuntimeError):
     """The database's schema cannot be brought to this edgefl's revision."""
 
 

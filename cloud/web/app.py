@@ -43,6 +43,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloud import metrics as cloud_metrics
+from cloud.errors import CloudError
 from cloud.registry import ArtifactCorruptError, NotFoundError, Registry
 from cloud.web import schemas
 from protos.codec import DEVICE_STATES
@@ -79,7 +80,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class ActionError(RuntimeError):
+class ActionError(CloudError, RuntimeError):
     """A write action that cannot be carried out now (answered with 409 Conflict)."""
 
 

@@ -17,13 +17,15 @@ from types import TracebackType
 import uvicorn
 from fastapi import FastAPI
 
+from cloud.errors import CloudError
+
 logger = logging.getLogger(__name__)
 
 #: Seconds uvicorn waits for open connections after being asked to stop.
 GRACEFUL_SHUTDOWN_SECONDS = 3.0
 
 
-class WebServerError(RuntimeError):
+class WebServerError(CloudError, RuntimeError):
     """The web server did not start (port taken, app failed to start up ...)."""
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from edge.config import load_settings
-from edge.errors import InvalidInput, ModelNotLoaded, NoRoomForSamples, grpc_status
+from edge.errors import InvalidInput, ModelNotLoaded, NoRoomForSamples
+from edge.grpc_status import grpc_status
 from edge.local_data import LOG_FILE, LocalData, SampleSpec
 from edge.server import EdgeServer
 from protos import codec
