@@ -41,6 +41,7 @@ from cloud.releases import Releaser, release_weights
 from cloud.signer import SignerError
 from edge.clientapp import arrays_to_record, record_to_arrays
 from edge.run_approval import APPROVAL_KEY, RunApproval, wait_for_approval
+from protos import wire_keys as keys
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class Evaluator:
             return {}
         self.model.set_weights(weights)
         result = self.model.evaluate(self.data.x, self.data.y)
-        return {"eval-loss": float(result["loss"]), "eval-accuracy": float(result["accuracy"])}
+        return {keys.EVAL_LOSS: float(result["loss"]), keys.EVAL_ACCURACY: float(result["accuracy"])}
 
 
 @dataclass
@@ -264,7 +265,7 @@ class Aggregator:
         messages = [
             self._approve(
                 Message(
-                    content=RecordDict({"config": ConfigRecord({})}),
+                    content=RecordDict({keys.CONFIG: ConfigRecord({})}),
                     message_type=MessageType.QUERY,
                     dst_node_id=n,
                 )
@@ -277,8 +278,8 @@ class Aggregator:
 
     def _learn_name(self, reply: Message) -> str:
         node = reply.metadata.src_node_id
-        if not reply.has_error() and "device" in reply.content:
-            name = str(reply.content["device"].get("device-id", "")) or f"node-{node}"
+        if not reply.has_error() and keys.DEVICE in reply.content:
+            name = str(reply.content[keys.DEVICE].get(keys.DEVICE_ID, "")) or f"node-{node}"
             self.names[node] = name
             self._named_at[node] = len(self._named_at) + 1
         return self.name(node)
@@ -343,9 +344,9 @@ class Aggregator:
         self.strategy.min_available_nodes = min(run.min_nodes, len(current))  # type: ignore[attr-defined]
         config = ConfigRecord(
             {
-                "local-epochs": run.local_epochs,
-                "learning-rate": run.learning_rate,
-                "seed": run.seed + rnd,
+                keys.LOCAL_EPOCHS: run.local_epochs,
+                keys.LEARNING_RATE: run.learning_rate,
+                keys.SEED: run.seed + rnd,
             }
         )
         sample_from = cast(Grid, _OnlyNodes(grid, current))
@@ -374,13 +375,13 @@ class Aggregator:
                     run_id, rnd, device, ok=False, error=str(reply.error.reason)[:500]
                 )
                 continue
-            record = reply.content.metric_records["metrics"]
+            record = reply.content.metric_records[keys.METRICS]
             metrics = {
                 k: float(v)
                 for k, v in record.items()
-                if k != "num-examples" and isinstance(v, int | float)
+                if k != keys.NUM_EXAMPLES and isinstance(v, int | float)
             }
-            num_examples = int(record["num-examples"])  # type: ignore[arg-type]
+            num_examples = int(record[keys.NUM_EXAMPLES])  # type: ignore[arg-type]
             self.registry.round_reply(
                 run_id, rnd, device, ok=True, num_examples=num_examples, metrics=metrics
             )
@@ -415,7 +416,7 @@ class Aggregator:
         }
         metrics.update(self.evaluate(new_weights))
         self.registry.record_evaluation(
-            run_id, rnd, {k: v for k, v in metrics.items() if k.startswith("eval-")}
+            run_id, rnd, {k: v for k, v in metrics.items() if k.startswith(keys.EVAL_PREFIX)}
         )
         version = release_weights(
             registry=self.registry,
@@ -437,6 +438,6 @@ class Aggregator:
             rnd,
             self.num_rounds,
             version.version,
-            metrics.get("eval-accuracy", float("nan")),
+            metrics.get(keys.EVAL_ACCURACY, float("nan")),
         )
         return RoundOutcome(rnd, version.version, replied, dropped, metrics, new_weights)

@@ -10,6 +10,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from protos import wire_keys as keys
+
 DEFAULT_CONFIG = Path("cloud.toml")
 
 
@@ -74,7 +76,7 @@ def progress_line(registry: Any, num_rounds: int, *, before: Any = None) -> str:
     parts = [f"run {run.id} {run.status}", f"round {current}/{run.num_rounds or num_rounds}"]
     if done:
         last = max(done, key=lambda r: r.round)
-        acc = last.eval_metrics.get("eval-accuracy") if last.eval_metrics else None
+        acc = last.eval_metrics.get(keys.EVAL_ACCURACY) if last.eval_metrics else None
         if acc is not None:
             parts.append(f"accuracy {acc:.3f}")
         parts.append(f"replied {len(last.replied)}/{len(last.sampled)}")
@@ -272,11 +274,9 @@ def format_status(info: Any, o: dict[str, Any] | None, devices: list[dict[str, A
         lines.append(text)
     else:
         lines.append("no run yet")
-    metrics = (o.get("latest_metrics") or {}).get("evaluation") or {}
-    if "eval-accuracy" in metrics:
-        lines.append(
-            f"accuracy {metrics['eval-accuracy']:.3f} after round {o['latest_metrics'].get('round')}"
-        )
+    latest = o.get("latest_metrics") or {}
+    if latest.get("eval_accuracy") is not None:
+        lines.append(f"accuracy {latest['eval_accuracy']:.3f} after round {latest.get('round')}")
     newest, serving = o.get("newest_version"), o.get("serving")
     if newest:
         spread = newest.get("spread") or {}
@@ -308,7 +308,7 @@ def cmd_model_list(args: argparse.Namespace) -> int:
         current = registry.current()
         print(f"{'version':>7}  {'round':>5}  {'accuracy':>8}  {'size':>8}  sha256")
         for v in registry.list_versions():
-            acc = v.metrics.get("eval-accuracy")
+            acc = v.metrics.get(keys.EVAL_ACCURACY)
             mark = " *" if current is not None and current.version == v.version else ""
             acc_text = f"{acc:.3f}" if acc is not None else "-"
             print(

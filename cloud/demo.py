@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from protos import wire_keys as keys
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_DEVICES = 5
@@ -153,7 +155,7 @@ class RoundPrinter:
             if not r.finished or (run.id, r.round) in self.shown:
                 continue
             self.shown.add((run.id, r.round))
-            acc = r.eval_metrics.get("eval-accuracy") if r.eval_metrics else None
+            acc = r.eval_metrics.get(keys.EVAL_ACCURACY) if r.eval_metrics else None
             acc_text = "-" if acc is None else f"{acc:.3f}"
             who = f"{len(r.replied)}/{len(r.sampled)} devices" if r.round else "initial model"
             dropped = f", dropped {', '.join(r.dropped)}" if r.dropped else ""
@@ -181,7 +183,7 @@ def _summary(
         "status": status,
         "seconds": round(seconds, 1),
         "accuracy_per_round": {
-            r.round: r.eval_metrics.get("eval-accuracy") for r in rounds if r.eval_metrics
+            r.round: r.eval_metrics.get(keys.EVAL_ACCURACY) for r in rounds if r.eval_metrics
         },
         "newest_version": None
         if stack.registry.latest_version() is None

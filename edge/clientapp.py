@@ -24,7 +24,8 @@ query    ``config``                            ``device``
 
 Every message also carries the run approval (``edgefl-approval``, see
 :mod:`edge.run_approval`), which the executor verifies first. Config keys:
-``server-round``, ``local-epochs``, ``learning-rate``, ``proximal-mu``, ``seed``.
+``server-round``, ``local-epochs``, ``learning-rate``, ``proximal-mu``, ``seed``. Every
+key and metric name is defined once, in :mod:`protos.wire_keys`.
 """
 
 from __future__ import annotations
@@ -39,22 +40,19 @@ from edge.errors import TaskRefused
 from edge.run_approval import APPROVAL_KEY
 from edge.trainer_service import LocalTrainer
 from protos import codec
+from protos import wire_keys as keys
 
 logger = logging.getLogger(__name__)
 
 #: Flower config key → (Trainer config key, type). ``server-round`` is handled apart.
 CONFIG_KEYS: dict[str, tuple[str, type]] = {
-    "local-epochs": ("epochs", int),
-    "learning-rate": ("learning_rate", float),
-    "proximal-mu": ("proximal_mu", float),
-    "seed": ("seed", int),
+    keys.LOCAL_EPOCHS: ("epochs", int),
+    keys.LEARNING_RATE: ("learning_rate", float),
+    keys.PROXIMAL_MU: ("proximal_mu", float),
+    keys.SEED: ("seed", int),
 }
 #: Content keys each message type must hold (besides the approval).
-CONTENT_KEYS: dict[str, frozenset[str]] = {
-    "train": frozenset({"arrays", "config"}),
-    "evaluate": frozenset({"arrays", "config"}),
-    "query": frozenset({"config"}),
-}
+CONTENT_KEYS = keys.MESSAGE_CONTENT
 
 
 def arrays_to_record(weights: dict[str, np.ndarray]) -> ArrayRecord:
@@ -75,8 +73,8 @@ def _check_content(msg: Message) -> str:
             f"message type {msg.metadata.message_type!r} is not one this device handles "
             f"({', '.join(sorted(CONTENT_KEYS))})"
         )
-    keys = set(msg.content.keys()) - {APPROVAL_KEY}
-    unknown, missing = sorted(keys - expected), sorted(expected - keys)
+    present = set(msg.content.keys()) - {APPROVAL_KEY}
+    unknown, missing = sorted(present - expected), sorted(expected - present)
     if unknown or missing:
         problems = []
         if unknown:
@@ -87,20 +85,20 @@ def _check_content(msg: Message) -> str:
             f"{kind} message refused: {'; '.join(problems)} "
             f"(a {kind} message holds {', '.join(sorted(expected))})"
         )
-    if "config" in expected and not isinstance(msg.content["config"], ConfigRecord):
-        raise TaskRefused(f"{kind} message refused: 'config' is not a ConfigRecord")
-    if "arrays" in expected and not isinstance(msg.content["arrays"], ArrayRecord):
-        raise TaskRefused(f"{kind} message refused: 'arrays' is not an ArrayRecord")
+    if keys.CONFIG in expected and not isinstance(msg.content[keys.CONFIG], ConfigRecord):
+        raise TaskRefused(f"{kind} message refused: {keys.CONFIG!r} is not a ConfigRecord")
+    if keys.ARRAYS in expected and not isinstance(msg.content[keys.ARRAYS], ArrayRecord):
+        raise TaskRefused(f"{kind} message refused: {keys.ARRAYS!r} is not an ArrayRecord")
     return kind
 
 
 def _fit_config(config: ConfigRecord) -> tuple[int, dict[str, codec.ConfigScalar]]:
     """(server round, the Trainer's config) from a message's config; TaskRefused on unknown keys."""
-    unknown = sorted(set(config) - set(CONFIG_KEYS) - {"server-round"})
+    unknown = sorted(set(config) - set(CONFIG_KEYS) - {keys.SERVER_ROUND})
     if unknown:
         raise TaskRefused(
             f"unknown config keys {', '.join(unknown)} "
-            f"(known: {', '.join(sorted([*CONFIG_KEYS, 'server-round']))})"
+            f"(known: {', '.join(sorted([*CONFIG_KEYS, keys.SERVER_ROUND]))})"
         )
     out: dict[str, codec.ConfigScalar] = {}
     for key, (name, kind) in CONFIG_KEYS.items():
@@ -111,9 +109,9 @@ def _fit_config(config: ConfigRecord) -> tuple[int, dict[str, codec.ConfigScalar
             if kind is int and not isinstance(value, int):
                 raise TaskRefused(f"config {key} must be an integer, got {value!r}")
             out[name] = kind(value)
-    server_round = config.get("server-round", 0)
+    server_round = config.get(keys.SERVER_ROUND, 0)
     if isinstance(server_round, bool) or not isinstance(server_round, int):
-        raise TaskRefused(f"config server-round must be an integer, got {server_round!r}")
+        raise TaskRefused(f"config {keys.SERVER_ROUND} must be an integer, got {server_round!r}")
     return server_round, out
 
 
@@ -125,7 +123,7 @@ class EdgeClientApp:
         self.device_id = device_id
 
     def _device(self) -> ConfigRecord:
-        return ConfigRecord({"device-id": self.device_id})
+        return ConfigRecord({keys.DEVICE_ID: self.device_id})
 
     def __call__(
         self, msg: Message, context: Context, *, cancelled: Callable[[], bool] | None = None
@@ -133,37 +131,38 @@ class EdgeClientApp:
         """The reply to ``msg``; raises TaskRefused or the Trainer's errors (EdgeError)."""
         kind = _check_content(msg)
         if kind == "query":
-            return Message(content=RecordDict({"device": self._device()}), reply_to=msg)
-        server_round, config = _fit_config(msg.content.config_records["config"])
-        weights = record_to_arrays(msg.content.array_records["arrays"])
+            return Message(content=RecordDict({keys.DEVICE: self._device()}), reply_to=msg)
+        server_round, config = _fit_config(msg.content.config_records[keys.CONFIG])
+        weights = record_to_arrays(msg.content.array_records[keys.ARRAYS])
         if kind == "train":
             result = self.trainer.fit(weights, config, server_round, cancelled=cancelled)
             metrics = MetricRecord(
                 {
-                    "num-examples": int(result.num_examples),
-                    "train-loss": float(result.metrics.get("loss", 0.0)),
-                    "train-accuracy": float(result.metrics.get("accuracy", 0.0)),
-                    "train-seconds": float(result.metrics.get("seconds", 0.0)),
+                    keys.NUM_EXAMPLES: int(result.num_examples),
+                    keys.TRAIN_LOSS: float(result.metrics.get("loss", 0.0)),
+                    keys.TRAIN_ACCURACY: float(result.metrics.get("accuracy", 0.0)),
+                    keys.TRAIN_SECONDS: float(result.metrics.get("seconds", 0.0)),
                 }
             )
             content = RecordDict(
                 {
-                    "arrays": arrays_to_record(result.weights),
-                    "metrics": metrics,
-                    "device": self._device(),
+                    keys.ARRAYS: arrays_to_record(result.weights),
+                    keys.METRICS: metrics,
+                    keys.DEVICE: self._device(),
                 }
             )
             return Message(content=content, reply_to=msg)
         evaluation = self.trainer.evaluate(weights, config, server_round)
         metrics = MetricRecord(
             {
-                "num-examples": int(evaluation.num_examples),
-                "eval-loss": float(evaluation.loss),
-                "eval-accuracy": float(evaluation.metrics.get("accuracy", 0.0)),
+                keys.NUM_EXAMPLES: int(evaluation.num_examples),
+                keys.EVAL_LOSS: float(evaluation.loss),
+                keys.EVAL_ACCURACY: float(evaluation.metrics.get("accuracy", 0.0)),
             }
         )
         return Message(
-            content=RecordDict({"metrics": metrics, "device": self._device()}), reply_to=msg
+            content=RecordDict({keys.METRICS: metrics, keys.DEVICE: self._device()}),
+            reply_to=msg,
         )
 
 

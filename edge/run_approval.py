@@ -45,10 +45,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge.errors import EdgeError
+from protos import wire_keys
 from protos.signing import key_id
 
 #: Content key of the approval record in every message of an approved run.
-APPROVAL_KEY = "edgefl-approval"
+APPROVAL_KEY = wire_keys.APPROVAL
 #: First line of the signed bytes; a new layout gets a new version.
 DOMAIN = b"edgefl-run-approval/v1"
 _MAX_U64 = 2**64 - 1

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 from cloud.registry import Device, Event, ModelVersion, RoundRecord, Run, Serving, Spread
+from protos import wire_keys as keys
 
 
 class RunOut(BaseModel):
@@ -66,6 +67,16 @@ class ReplyOut(BaseModel):
     error: str
     received_at: float
 
+    @computed_field(description="The device's training loss (metric train-loss).")  # type: ignore[prop-decorator]
+    @property
+    def train_loss(self) -> float | None:
+        return self.metrics.get(keys.TRAIN_LOSS)
+
+    @computed_field(description="The device's training accuracy (metric train-accuracy).")  # type: ignore[prop-decorator]
+    @property
+    def train_accuracy(self) -> float | None:
+        return self.metrics.get(keys.TRAIN_ACCURACY)
+
 
 class RoundOut(BaseModel):
     run_id: int
@@ -82,6 +93,26 @@ class RoundOut(BaseModel):
     eval_metrics: dict[str, float] = Field(description="Server-side test metrics.")
     version: int | None
     replies: list[ReplyOut]
+
+    @computed_field(description="Training loss aggregated over the replies (train-loss).")  # type: ignore[prop-decorator]
+    @property
+    def train_loss(self) -> float | None:
+        return self.aggregated_metrics.get(keys.TRAIN_LOSS)
+
+    @computed_field(description="Training accuracy aggregated over the replies.")  # type: ignore[prop-decorator]
+    @property
+    def train_accuracy(self) -> float | None:
+        return self.aggregated_metrics.get(keys.TRAIN_ACCURACY)
+
+    @computed_field(description="The cloud's test accuracy of the round's model (eval-accuracy).")  # type: ignore[prop-decorator]
+    @property
+    def eval_accuracy(self) -> float | None:
+        return self.eval_metrics.get(keys.EVAL_ACCURACY)
+
+    @computed_field(description="The cloud's test loss of the round's model (eval-loss).")  # type: ignore[prop-decorator]
+    @property
+    def eval_loss(self) -> float | None:
+        return self.eval_metrics.get(keys.EVAL_LOSS)
 
 
 class RoundsOut(BaseModel):
@@ -141,6 +172,26 @@ class LatestMetricsOut(BaseModel):
     round: int
     aggregated: dict[str, float]
     evaluation: dict[str, float]
+
+    @computed_field(description="Training loss aggregated over the round's replies.")  # type: ignore[prop-decorator]
+    @property
+    def train_loss(self) -> float | None:
+        return self.aggregated.get(keys.TRAIN_LOSS)
+
+    @computed_field(description="Training accuracy aggregated over the round's replies.")  # type: ignore[prop-decorator]
+    @property
+    def train_accuracy(self) -> float | None:
+        return self.aggregated.get(keys.TRAIN_ACCURACY)
+
+    @computed_field(description="The cloud's test accuracy of the newest model.")  # type: ignore[prop-decorator]
+    @property
+    def eval_accuracy(self) -> float | None:
+        return self.evaluation.get(keys.EVAL_ACCURACY)
+
+    @computed_field(description="The cloud's test loss of the newest model.")  # type: ignore[prop-decorator]
+    @property
+    def eval_loss(self) -> float | None:
+        return self.evaluation.get(keys.EVAL_LOSS)
 
 
 class FleetCountOut(BaseModel):

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from cloud.registry import Registry, sqlite_url
 from cloud.web import ActionError, WebServer, create_app
 from cloud.web.app import STATIC_DIR
+from protos import wire_keys as keys
 from protos.codec import DeviceEvent, DeviceStatus
 
 TOKEN = "operator-secret-token"
@@ -60,10 +61,12 @@ def _status(device: str, version: int, state: str = "SERVING", ts: int = 5000) -
 def _populate(reg: Registry) -> int:
     """A run of 3 rounds, 2 finished (v1, v2), round 3 in flight; 3 devices; 2 events."""
     run = reg.start_run(num_rounds=3, strategy="fedavg", config={"lr": 0.05})
-    reg.record_evaluation(run, 0, {"accuracy": 0.1, "loss": 2.3})
+    reg.record_evaluation(run, 0, {keys.EVAL_ACCURACY: 0.1, keys.EVAL_LOSS: 2.3})
     for rnd in (1, 2):
         reg.round_started(run, rnd, sampled=["d1", "d2", "d3"])
-        reg.round_reply(run, rnd, "d1", ok=True, num_examples=100, metrics={"loss": 1.0 / rnd})
+        reg.round_reply(
+            run, rnd, "d1", ok=True, num_examples=100, metrics={keys.TRAIN_LOSS: 1.0 / rnd}
+        )
         reg.round_reply(run, rnd, "d2", ok=False, error="trainer down")
         reg.add_version(
             package=f"package {rnd}".encode(),
@@ -71,14 +74,16 @@ def _populate(reg: Registry) -> int:
             round=rnd,
             run_id=run,
             parent_version=rnd - 1 or None,
-            metrics={"accuracy": 0.5 + rnd / 10},
+            metrics={keys.EVAL_ACCURACY: 0.5 + rnd / 10},
         )
         reg.round_finished(
-            run, rnd, aggregated_metrics={"loss": 1.0 / rnd}, version=rnd, dropped=["d3"]
+            run, rnd, aggregated_metrics={keys.TRAIN_LOSS: 1.0 / rnd}, version=rnd, dropped=["d3"]
         )
-        reg.record_evaluation(run, rnd, {"accuracy": 0.5 + rnd / 10, "loss": 1.0 / rnd})
+        reg.record_evaluation(
+            run, rnd, {keys.EVAL_ACCURACY: 0.5 + rnd / 10, keys.EVAL_LOSS: 1.0 / rnd}
+        )
     reg.round_started(run, 3, sampled=["d1", "d2"])
-    reg.round_reply(run, 3, "d1", ok=True, num_examples=100, metrics={"loss": 0.3})
+    reg.round_reply(run, 3, "d1", ok=True, num_examples=100, metrics={keys.TRAIN_LOSS: 0.3})
     reg.set_current(2, pinned=False)
     reg.upsert_device_status(_status("d1", 2))
     reg.upsert_device_status(_status("d2", 1))
@@ -118,8 +123,13 @@ def test_overview_reports_round_progress_metrics_and_spread(client: TestClient) 
     assert progress["fraction"] == pytest.approx(2 / 3)
     assert body["latest_metrics"] == {
         "round": 2,
-        "aggregated": {"loss": 0.5},
-        "evaluation": {"accuracy": 0.7, "loss": 0.5},
+        "aggregated": {"train-loss": 0.5},
+        "evaluation": {"eval-accuracy": 0.7, "eval-loss": 0.5},
+        # Typed fields the UI reads (no guessing of metric names there).
+        "train_loss": 0.5,
+        "train_accuracy": None,
+        "eval_accuracy": 0.7,
+        "eval_loss": 0.5,
     }
     newest = body["newest_version"]
     assert newest["version"] == 2
@@ -136,10 +146,13 @@ def test_rounds_list_replies_failures_and_timeouts(client: TestClient) -> None:
     assert sorted(rounds) == [0, 1, 2, 3]
     r1 = rounds[1]
     assert (r1["replied"], r1["failed"], r1["dropped"]) == (["d1"], ["d2"], ["d3"])
-    assert r1["eval_metrics"] == {"accuracy": 0.6, "loss": 1.0}
+    assert r1["eval_metrics"] == {"eval-accuracy": 0.6, "eval-loss": 1.0}
+    assert (r1["eval_accuracy"], r1["eval_loss"]) == (0.6, 1.0)
+    assert (r1["train_loss"], r1["train_accuracy"]) == (1.0, None)
     assert r1["version"] == 1 and r1["duration"] is not None
     replies = {p["device_id"]: p for p in r1["replies"]}
-    assert replies["d1"]["metrics"] == {"loss": 1.0} and replies["d1"]["num_examples"] == 100
+    assert replies["d1"]["metrics"] == {"train-loss": 1.0} and replies["d1"]["num_examples"] == 100
+    assert replies["d1"]["train_loss"] == 1.0 and replies["d2"]["train_loss"] is None
     assert replies["d2"]["ok"] is False and replies["d2"]["error"] == "trainer down"
     assert rounds[3]["duration"] is None and rounds[3]["pending"] == ["d2"]
     assert client.get("/api/rounds", params={"run_id": 1}).json() == body

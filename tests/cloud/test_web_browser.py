@@ -17,6 +17,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from cloud.registry import Registry, sqlite_url
 from cloud.web import WebServer, create_app
+from protos import wire_keys as keys
 from protos.codec import DeviceStatus
 
 pytestmark = pytest.mark.browser
@@ -131,7 +132,10 @@ def _write_round(reg: Registry, run: int, rnd: int) -> None:
             device,
             ok=True,
             num_examples=300,
-            metrics={"loss": 2.0 * 0.6**rnd + 0.05 * i, "accuracy": 1 - 0.8 * 0.55**rnd - 0.02 * i},
+            metrics={
+                keys.TRAIN_LOSS: 2.0 * 0.6**rnd + 0.05 * i,
+                keys.TRAIN_ACCURACY: 1 - 0.8 * 0.55**rnd - 0.02 * i,
+            },
         )
     version = reg.add_version(
         package=f"weights after round {rnd}".encode(),
@@ -139,19 +143,21 @@ def _write_round(reg: Registry, run: int, rnd: int) -> None:
         round=rnd,
         run_id=run,
         parent_version=rnd - 1 or None,
-        metrics={"accuracy": 1 - 0.85 * 0.5**rnd},
+        metrics={keys.EVAL_ACCURACY: 1 - 0.85 * 0.5**rnd},
     )
     reg.round_finished(
-        run, rnd, aggregated_metrics={"loss": 2.0 * 0.6**rnd}, version=version.version, dropped=[]
+        run, rnd, aggregated_metrics={keys.TRAIN_LOSS: 2.0 * 0.6**rnd}, version=version.version, dropped=[]
     )
-    reg.record_evaluation(run, rnd, {"accuracy": 1 - 0.85 * 0.5**rnd, "loss": 1.9 * 0.6**rnd})
+    reg.record_evaluation(
+        run, rnd, {keys.EVAL_ACCURACY: 1 - 0.85 * 0.5**rnd, keys.EVAL_LOSS: 1.9 * 0.6**rnd}
+    )
 
 
 def test_round_counter_and_charts_follow_a_live_run(
     page: Page, server: WebServer, registry: Registry, tmp_path: Path
 ) -> None:
     run = registry.start_run(num_rounds=4, strategy="fedavg", config={"lr": 0.05})
-    registry.record_evaluation(run, 0, {"accuracy": 0.1, "loss": 2.3})
+    registry.record_evaluation(run, 0, {keys.EVAL_ACCURACY: 0.1, keys.EVAL_LOSS: 2.3})
     page.goto(server.url)
     counter = page.locator("#round-counter")
     expect(counter).to_have_text("Round 0 / 4", timeout=UPDATE_WAIT_MS)
@@ -195,7 +201,13 @@ def test_round_counter_and_charts_follow_a_live_run(
         4, timeout=UPDATE_WAIT_MS
     )
     expect(accuracy.locator("g.device circle.point")).to_have_count(9)
-    expect(page.locator('svg[data-chart="loss"] circle.point')).not_to_have_count(0)
+    loss = page.locator('svg[data-chart="loss"]')
+    expect(loss.locator('g[data-series="Train (aggregated)"] circle.point')).to_have_count(3)
+    expect(loss.locator('g[data-series="Test (server)"] circle.point')).to_have_count(4)
+    # The cards read the API's typed fields: eval_accuracy, eval_loss, train_loss of round 3.
+    expect(page.locator("#metric-accuracy")).to_have_text("89.4 %")
+    expect(page.locator("#metric-loss")).to_have_text(f"{1.9 * 0.6**3:.3f}")
+    expect(page.locator("#metric-train-loss")).to_have_text(f"{2.0 * 0.6**3:.3f}")
     assert "round 3" in (accuracy.get_attribute("aria-label") or "")
     expect(page.locator("#rounds-table tbody tr")).to_have_count(4)  # rounds 0..3
     expect(page.locator("#models-table tbody tr")).to_have_count(3)

@@ -73,27 +73,9 @@
     return Math.floor(seconds / 60) + " min " + Math.round(seconds % 60) + " s";
   }
 
-  /** A metric by name, accepting the usual prefixes (eval-, train-, test-, with "-" as
-   * Flower's records write them or "_") and "acc". */
-  function metric(metrics, name) {
-    if (!metrics) return null;
-    const names = [name];
-    for (const prefix of ["eval", "train", "test"]) names.push(prefix + "-" + name, prefix + "_" + name);
-    if (name === "accuracy") names.push("acc");
-    for (const candidate of names) {
-      if (typeof metrics[candidate] === "number") return metrics[candidate];
-    }
-    return null;
-  }
-
-  /** A training metric: train-/train_ first, so that an aggregate that also carries the
-   * server's evaluation (eval-…) still shows the devices' own figure. */
-  function trainMetric(metrics, name) {
-    if (!metrics) return null;
-    for (const candidate of ["train-" + name, "train_" + name]) {
-      if (typeof metrics[candidate] === "number") return metrics[candidate];
-    }
-    return metric(metrics, name);
+  /** A typed metric field of the API ("eval_accuracy", "train_loss", ...), or null. */
+  function num(value) {
+    return typeof value === "number" ? value : null;
   }
 
   /** A metric value: counts (examples, steps) as integers, the rest with 3 decimals. */
@@ -256,9 +238,9 @@
     $("round-devices").replaceChildren(...chips);
 
     const m = o.latest_metrics;
-    $("metric-accuracy").textContent = m ? pct(metric(m.evaluation, "accuracy") ?? metric(m.aggregated, "accuracy")) : "–";
-    $("metric-loss").textContent = m ? fmt(metric(m.evaluation, "loss")) : "–";
-    $("metric-train-loss").textContent = m ? fmt(trainMetric(m.aggregated, "loss")) : "–";
+    $("metric-accuracy").textContent = m ? pct(num(m.eval_accuracy) ?? num(m.train_accuracy)) : "–";
+    $("metric-loss").textContent = m ? fmt(num(m.eval_loss)) : "–";
+    $("metric-train-loss").textContent = m ? fmt(num(m.train_loss)) : "–";
     $("metrics-meta").textContent = m ? "after round " + m.round : "No metrics yet.";
 
     // The card follows the fleet target: the pinned version while pinned, else the newest.
@@ -291,12 +273,12 @@
     const test = [], train = [];
     const perDevice = new Map();
     for (const r of rounds) {
-      const t = metric(r.eval_metrics, name);
+      const t = num(r["eval_" + name]);
       if (t !== null) test.push([r.round, t]);
-      const a = trainMetric(r.aggregated_metrics, name);
+      const a = num(r["train_" + name]);
       if (a !== null) train.push([r.round, a]);
       for (const reply of r.replies) {
-        const d = reply.ok ? trainMetric(reply.metrics, name) : null;
+        const d = reply.ok ? num(reply["train_" + name]) : null;
         if (d === null) continue;
         if (!perDevice.has(reply.device_id)) perDevice.set(reply.device_id, []);
         perDevice.get(reply.device_id).push([r.round, d]);
@@ -395,9 +377,9 @@
         el("td", {}, el("span", { className: "badge " + (status === "done" ? "completed" : status === "running" ? "running" : ""), text: status })),
         el("td", { className: "num", text: r.round === 0 ? "–" : r.replied.length + " / " + r.sampled.length }),
         el("td", { text: lost.length ? lost.join(", ") : "–" }),
-        el("td", { className: "num", text: fmt(trainMetric(r.aggregated_metrics, "loss")) }),
-        el("td", { className: "num", text: pct(metric(r.eval_metrics, "accuracy")) }),
-        el("td", { className: "num", text: fmt(metric(r.eval_metrics, "loss")) }),
+        el("td", { className: "num", text: fmt(num(r.train_loss)) }),
+        el("td", { className: "num", text: pct(num(r.eval_accuracy)) }),
+        el("td", { className: "num", text: fmt(num(r.eval_loss)) }),
         el("td", { className: "num", text: duration(r.duration) }),
         el("td", { className: "num", text: r.version ? "v" + r.version : "–" }),
         el("td", {}, r.replies.length ? perDevice : "–"));
