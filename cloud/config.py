@@ -200,6 +200,38 @@ class RunSection:
 
 
 @dataclass
+class RolloutSection:
+    """``[rollout]``: how a new global version becomes the fleet's served version.
+
+    Parsed and checked by :mod:`cloud.rollout_policy`; run by :mod:`cloud.rollout`.
+    """
+
+    policy: str = "immediate"
+    """"immediate": every round's version goes to the whole fleet at once (a retained
+    release). "staged": it goes phase by phase, each phase gated by the devices' checks."""
+    phases: str = "0.1, 0.5, 1.0"
+    """Cumulative fractions of the online fleet per phase, comma-separated, ascending,
+    the last one 1.0."""
+    min_devices: str = "1, 2, 1"
+    """Fewest devices in each phase, one count per phase, comma-separated."""
+    max_accuracy_drop: float = 0.05
+    """Largest drop of local accuracy (served version minus candidate, mean over the
+    phase's checks weighted by their samples) a phase may show."""
+    max_install_failures: int = 0
+    """Most devices of a phase whose install or check of the candidate may fail."""
+    soak_s: float = 5.0
+    """Seconds a phase stays open at least, even when every device has reported."""
+    phase_timeout_s: float = 120.0
+    """Seconds after which a phase is decided with the reports it has."""
+    silent_devices: str = "ignore"
+    """A device of the phase that reported nothing by the timeout: "ignore" (not
+    counted) or "failure" (counted as an install failure). A phase needs one check."""
+    on_failure: str = "rollback"
+    """When a gate fails: "rollback" (devices serving the candidate return to the
+    fleet's served version) or "halt" (they keep it; nothing moves further)."""
+
+
+@dataclass
 class CloudSettings:
     """Everything the cloud reads at start."""
 
@@ -212,6 +244,7 @@ class CloudSettings:
     model: ModelSection = field(default_factory=ModelSection)
     signing: SigningSection = field(default_factory=SigningSection)
     run: RunSection = field(default_factory=RunSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
     source: Path | None = None
     """The file these settings came from (None when built in code)."""
 
@@ -284,6 +317,12 @@ def _fleet_is_a_topic_name(s: CloudSettings) -> list[str]:
     return []
 
 
+def _rollout_policy_is_valid(s: CloudSettings) -> list[str]:
+    from cloud.rollout_policy import policy_problems
+
+    return policy_problems(s.rollout)
+
+
 def _anchor_paths(
     s: CloudSettings, base_dir: Path | None, given: frozenset[tuple[str, str]]
 ) -> CloudSettings:
@@ -305,7 +344,12 @@ SCHEMA = Schema(
     CloudSettings,
     error=ConfigError,
     rules=RULES,
-    checks=[_control_api_stays_private, _supernode_auth_needs_tls, _fleet_is_a_topic_name],
+    checks=[
+        _control_api_stays_private,
+        _supernode_auth_needs_tls,
+        _fleet_is_a_topic_name,
+        _rollout_policy_is_valid,
+    ],
     relative_to_file=False,
     finish=_anchor_paths,
     missing_hint="create one with `edgefl cloud init`",
