@@ -333,6 +333,85 @@ class Publisher:
             self._clear_chunks(version, previous.chunk_count, keep_from=len(chunks))
         return manifest
 
+    def publish_candidate(
+        self,
+        *,
+        version: int,
+        parent_version: int,
+        round: int,
+        package: bytes,
+        architecture_id: str,
+        metrics: dict[str, float] | None,
+        phase: int,
+        cohort_ppm: int,
+        action: str,
+        served_version: int,
+        with_chunks: bool,
+    ) -> codec.Manifest:
+        """Publish a staged rollout's candidate on ``topics.release_candidate`` (retained).
+
+        With ``with_chunks`` the artifact's chunks go out first (retained, on the same
+        chunk topics a release uses); later actions of the same candidate only re-sign
+        and republish the manifest. The retained release and its chunks are untouched.
+        """
+        if not package:
+            raise ValueError("package is empty")
+        if phase < 1:
+            raise ValueError(f"a candidate's phase is >= 1, got {phase}")
+        self._ensure_connected()
+        chunks = codec.split_chunks(package, self.chunk_size)
+        if with_chunks:
+            self._publish_all(
+                [
+                    (topics.release_chunk(self.fleet, version, i), chunk)
+                    for i, chunk in enumerate(chunks)
+                ],
+                f"candidate {version} chunks",
+            )
+        manifest = signing.sign_manifest(
+            codec.Manifest(
+                fleet=self.fleet,
+                version=version,
+                parent_version=parent_version,
+                round=round,
+                created_at_ms=int(time.time() * 1000),
+                architecture_id=architecture_id,
+                artifact_sha256=codec.sha256_hex(package),
+                artifact_size=len(package),
+                chunk_size=self.chunk_size,
+                chunk_sha256=tuple(codec.sha256_hex(c) for c in chunks),
+                metrics=dict(metrics or {}),
+                sequence=self._next_sequence(),
+                phase=phase,
+                cohort_ppm=cohort_ppm,
+                action=action,
+                served_version=served_version,
+            ),
+            self._key,
+        )
+        codec.manifest_from_bytes(codec.manifest_to_bytes(manifest))
+        self._publish_all(
+            [(topics.release_candidate(self.fleet), codec.manifest_to_bytes(manifest))],
+            f"candidate {version} manifest",
+        )
+        logger.info(
+            "fleet %s: candidate %d phase %d %s (cohort < %d ppm, sequence %d)",
+            self.fleet,
+            version,
+            phase,
+            action,
+            cohort_ppm,
+            manifest.sequence,
+        )
+        return manifest
+
+    def clear_candidate(self, version: int, chunk_count: int, *, keep_chunks: bool) -> None:
+        """Clear the retained candidate manifest and, unless kept, its chunks."""
+        self._ensure_connected()
+        self._publish_all([(topics.release_candidate(self.fleet), b"")], "clearing the candidate")
+        if not keep_chunks and chunk_count > 0:
+            self._clear_chunks(version, chunk_count, keep_from=None)
+
     def _clear_chunks(self, version: int, count: int, *, keep_from: int | None) -> None:
         start = keep_from or 0
         try:

@@ -125,10 +125,16 @@ class ReleaseSigner:
         self.settings = settings
         self.registry = registry
         self._key = signing.load_private_key(settings.signing.private_key)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._base = _BaseModel.load(settings)
         #: Test hook: called with the version right before its publish starts.
         self.before_publish: Callable[[int], None] | None = None
+        from cloud.rollout import RolloutController
+
+        #: Staged rollouts (``[rollout] policy = "staged"``); idle under "immediate".
+        self.rollout = RolloutController(
+            settings, registry, publisher=self._publisher, promote=self._promote
+        )
 
     @property
     def key(self) -> Any:
@@ -184,13 +190,42 @@ class ReleaseSigner:
         Idempotent: releasing the version the fleet already serves returns its sequence.
         """
         from cloud.publisher import PublishError
-        from cloud.releases import publish_version
 
         with self._lock:
             current = self.registry.current()
             if current is not None and current.version == version and not current.pinned:
                 return current.sequence
             self.check(version)
+            if not (self.rollout.staged and current is not None):
+                return self._publish_release(version)
+        # Staged: the version becomes a candidate; the controller runs its phases and
+        # calls _promote when the last one passes; the round goes on at once. (Outside
+        # our lock: the controller takes its own lock first, then ours in _promote.)
+        try:
+            return self.rollout.submit(version)
+        except (PublishError, OSError, RuntimeError) as exc:
+            raise SignerUnavailable(f"candidate {version} not published: {exc}") from exc
+
+    def _promote(self, version: int) -> int:
+        """Release ``version`` fleet-wide (the last phase of its rollout passed)."""
+        from cloud.publisher import PublishError
+
+        with self._lock:
+            current = self.registry.current()
+            if current is not None and current.version == version and not current.pinned:
+                return current.sequence
+            try:
+                return self._publish_release(version)
+            except SignerUnavailable:
+                raise
+            except (PublishError, OSError) as exc:
+                raise SignerUnavailable(str(exc)) from exc
+
+    def _publish_release(self, version: int) -> int:
+        from cloud.publisher import PublishError
+        from cloud.releases import publish_version
+
+        with self._lock:
             if self.before_publish is not None:
                 self.before_publish(version)
             try:
@@ -380,10 +415,12 @@ class SignerService:
             daemon=True,
         )
         self._thread.start()
+        self.signer.rollout.start()
         logger.info("release signer listening on %s", path)
         return self
 
     def stop(self) -> None:
+        self.signer.rollout.stop()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

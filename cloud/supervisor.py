@@ -482,6 +482,11 @@ class CloudStack:
                 gate.on_events(events)
             except Exception:
                 logger.exception("could not record %d device events", len(events))
+            if self.signer is not None:  # staged rollouts count the devices' checks
+                try:
+                    self.signer.signer.rollout.on_events(events)
+                except Exception:
+                    logger.exception("the rollout controller failed on %d events", len(events))
 
         self.monitor = FleetMonitor(
             host=connect_host(s.broker.host),

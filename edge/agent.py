@@ -77,12 +77,18 @@ MAX_CHUNK_EVENTS = 5
 DEFAULT_MAX_SEQUENCE_AHEAD_S = 24 * 3600.0
 #: Key under which the last accepted manifest sequence is persisted in the node's state.
 STATE_SEQUENCE_KEY = "sequence"
+#: Key under which the last handled candidate sequence is persisted (staged rollouts).
+STATE_CANDIDATE_SEQUENCE_KEY = "candidate_sequence"
 
 # Event kinds (DeviceEvent.kind).
 EVENT_INSTALLED = "release_installed"
 EVENT_REJECTED = "release_rejected"
 EVENT_INSTALL_FAILED = "install_failed"
 EVENT_CHUNK_REJECTED = "chunk_rejected"
+EVENT_CANDIDATE_CHECKED = "candidate_checked"
+EVENT_CANDIDATE_FAILED = "candidate_failed"
+EVENT_CANDIDATE_SERVED = "candidate_served"
+EVENT_CANDIDATE_REVERTED = "candidate_reverted"
 
 
 class ReleaseInstaller(Protocol):
@@ -205,6 +211,10 @@ class Agent:
         self._event_topic = topics.device_event(settings.fleet, settings.device_id)
         self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._download: _Download | None = None
+        #: The candidate being downloaded (staged rollouts), separate from releases.
+        self._cand_download: _Download | None = None
+        self._candidate_topic = topics.release_candidate(settings.fleet)
+        self._handled_candidate = 0  # highest candidate sequence handled in this process
         #: A verified release whose install failed: (manifest, artifact, retry at, delay).
         self._retry: tuple[codec.Manifest, bytes, float, float] | None = None
         self._installing = False
@@ -292,7 +302,7 @@ class Agent:
         next_status = time.monotonic()
         while True:
             timeout = max(0.0, next_status - time.monotonic())
-            if self._download is not None:
+            if self._download is not None or self._cand_download is not None:
                 timeout = min(timeout, self.settings.download_retry_s)
             if self._retry is not None:
                 timeout = min(timeout, max(0.0, self._retry[2] - time.monotonic()))
@@ -320,8 +330,11 @@ class Agent:
 
     def _after_connect(self) -> None:
         self._client.subscribe(self._manifest_topic, qos=1)
-        if self._download is not None:
-            self._client.subscribe(self._download.chunk_filter, qos=1)
+        if self._supports_candidates():
+            self._client.subscribe(self._candidate_topic, qos=1)
+        for dl in (self._download, self._cand_download):
+            if dl is not None:
+                self._client.subscribe(dl.chunk_filter, qos=1)
 
     def _handle_message(self, topic: str, payload: bytes) -> None:
         try:
@@ -333,8 +346,11 @@ class Agent:
             logger.warning("ignoring a message for fleet %s on %r", parsed.fleet, topic)
         elif parsed.kind == "manifest":
             self._handle_manifest(payload)
+        elif parsed.kind == "candidate":
+            self._handle_candidate(payload)
         elif parsed.kind == "chunk":
             self._handle_chunk(parsed.version, parsed.index, payload)
+            self._handle_candidate_chunk(parsed.version, parsed.index, payload)
         else:
             logger.debug("ignoring %s message on %r", parsed.kind, topic)
 
@@ -498,9 +514,14 @@ class Agent:
         dl.chunks[index] = payload
         dl.last_progress = time.monotonic()
         if len(dl.chunks) == dl.manifest.chunk_count:
-            self._client.unsubscribe(dl.chunk_filter)
+            self._unsubscribe_chunks(dl, other=self._cand_download)
             self._download = None
             self._install(dl)
+
+    def _unsubscribe_chunks(self, dl: _Download, *, other: _Download | None) -> None:
+        """Drop ``dl``'s chunk subscription unless ``other`` still downloads that version."""
+        if other is None or other.manifest.version != dl.manifest.version:
+            self._client.unsubscribe(dl.chunk_filter)
 
     def _report_bad_chunk(self, dl: _Download, index: int, why: str) -> None:
         dl.bad_chunks += 1
@@ -510,7 +531,10 @@ class Agent:
             self._emit_event(EVENT_CHUNK_REJECTED, detail, dl.manifest.version)
 
     def _check_stalled_download(self) -> None:
-        dl = self._download
+        for dl in (self._download, self._cand_download):
+            self._check_stalled(dl)
+
+    def _check_stalled(self, dl: _Download | None) -> None:
         if dl is None or time.monotonic() - dl.last_progress < self.settings.download_retry_s:
             return
         logger.warning(
@@ -523,6 +547,176 @@ class Agent:
         dl.last_progress = time.monotonic()
         if self._conn.connected:
             self._client.subscribe(dl.chunk_filter, qos=1)
+
+    # -- candidates (staged rollouts) ------------------------------------------------------
+
+    def _supports_candidates(self) -> bool:
+        return all(
+            callable(getattr(self.node, name, None))
+            for name in ("stage_release", "check_candidate", "activate", "has_version")
+        )
+
+    def _verified(self, payload: bytes, what: str) -> codec.Manifest | None:
+        """Parse and verify a signed manifest; report and return None when it is not good."""
+        try:
+            manifest = codec.manifest_from_bytes(payload)
+        except CodecError as exc:
+            self._reject(0, f"malformed {what}: {exc}")
+            return None
+        if manifest.fleet != self.settings.fleet:
+            self._reject(manifest.version, f"{what} is for fleet {manifest.fleet!r}")
+            return None
+        try:
+            signing.verify_manifest(manifest, self._public_key)
+        except signing.SignatureError as exc:
+            self._reject(manifest.version, f"{what}: bad signature: {exc}")
+            return None
+        return manifest
+
+    def _handle_candidate(self, payload: bytes) -> None:
+        """A staged rollout's candidate: check, serve or revert it if our cohort is addressed.
+
+        Same signature, floor and clock checks as a release; candidates have their own
+        sequence (persisted under ``candidate_sequence``). A device serving an older
+        candidate that never got promoted returns to the fleet's served version when a
+        newer candidate arrives (the newer one supersedes it).
+        """
+        if not payload or not self._supports_candidates():
+            return
+        m = self._verified(payload, "candidate")
+        if m is None:
+            return
+        if not m.candidate:
+            self._reject(m.version, "a promoted release on the candidate topic")
+            return
+        if m.sequence < self.settings.min_sequence or (
+            m.sequence - _now_ms() > self.settings.max_sequence_ahead_s * 1000
+        ):
+            self._reject(m.version, f"candidate sequence {m.sequence} is out of bounds")
+            return
+        try:
+            persisted = int(self.node.read_state().get(STATE_CANDIDATE_SEQUENCE_KEY, 0))
+        except Exception:
+            persisted = 0
+        handled = max(persisted, self._handled_candidate)
+        if m.sequence <= handled:
+            if m.sequence < handled:
+                self._reject(m.version, f"replayed candidate: sequence {m.sequence} ≤ {handled}")
+            return
+        self._handled_candidate = m.sequence
+        try:
+            state = dict(self.node.read_state())
+            state[STATE_CANDIDATE_SEQUENCE_KEY] = m.sequence
+            self.node.write_state(state)
+        except Exception:
+            logger.exception("candidate sequence %d not persisted", m.sequence)
+        node: Any = self.node
+        serving = node.serving_version()
+        if serving != m.version and serving > m.served_version and m.served_version > 0:
+            # We serve an older candidate that was never promoted: the newer one supersedes it.
+            self._activate(m, m.served_version, EVENT_CANDIDATE_REVERTED, "superseded candidate")
+            serving = node.serving_version()
+        from protos import cohort
+
+        if not cohort.in_cohort(m.fleet, self.settings.device_id, m.cohort_ppm):
+            logger.debug("candidate %d phase %d: not in this cohort", m.version, m.phase)
+            return
+        if m.action == "revert":
+            if serving == m.version:
+                self._activate(m, m.served_version, EVENT_CANDIDATE_REVERTED, "rollback")
+            return
+        if m.action == "halt":
+            return
+        if node.has_version(m.version, m.artifact_sha256):
+            self._candidate_ready(m)
+            return
+        old = self._cand_download
+        if old is not None and old.manifest.version != m.version:
+            self._unsubscribe_chunks(old, other=self._download)
+        self._cand_download = _Download(m)
+        logger.info("downloading candidate %d for phase %d (%s)", m.version, m.phase, m.action)
+        self._client.subscribe(self._cand_download.chunk_filter, qos=1)
+
+    def _handle_candidate_chunk(self, version: int, index: int, payload: bytes) -> None:
+        dl = self._cand_download
+        if dl is None or version != dl.manifest.version or not payload:
+            return
+        if index >= dl.manifest.chunk_count or index in dl.chunks:
+            return
+        if codec.sha256_hex(payload) != dl.manifest.chunk_sha256[index]:
+            self._report_bad_chunk(dl, index, "digest does not match the candidate")
+            return
+        dl.chunks[index] = payload
+        dl.last_progress = time.monotonic()
+        if len(dl.chunks) < dl.manifest.chunk_count:
+            return
+        self._unsubscribe_chunks(dl, other=self._download)
+        self._cand_download = None
+        m = dl.manifest
+        data = b"".join(dl.chunks[i] for i in range(m.chunk_count))
+        node: Any = self.node
+        try:
+            if len(data) != m.artifact_size or codec.sha256_hex(data) != m.artifact_sha256:
+                raise ValueError("reassembled candidate does not match its size and SHA-256")
+            node.stage_release(m.version, data, m.artifact_sha256)
+        except Exception as exc:
+            logger.error("candidate %d not installed: %s", m.version, exc)
+            self._emit_event(
+                EVENT_CANDIDATE_FAILED, f"install: {exc}", m.version, {"phase": float(m.phase)}
+            )
+            return
+        self._candidate_ready(m)
+
+    def _candidate_ready(self, m: codec.Manifest) -> None:
+        """The candidate is stored: check it (``check``) or serve it (``serve``)."""
+        node: Any = self.node
+        if m.action == "serve":
+            if node.serving_version() != m.version:
+                self._activate(m, m.version, EVENT_CANDIDATE_SERVED, f"phase {m.phase}")
+            return
+        try:
+            figures = node.check_candidate(m.version, m.served_version)
+        except Exception as exc:
+            logger.error("candidate %d not checked: %s", m.version, exc)
+            self._emit_event(
+                EVENT_CANDIDATE_FAILED, f"check: {exc}", m.version, {"phase": float(m.phase)}
+            )
+            return
+        figures["phase"] = float(m.phase)
+        logger.info(
+            "candidate %d phase %d: accuracy %.4f vs served %.4f on %d samples",
+            m.version,
+            m.phase,
+            figures["candidate_accuracy"],
+            figures["served_accuracy"],
+            int(figures["examples"]),
+        )
+        self._emit_event(
+            EVENT_CANDIDATE_CHECKED,
+            f"phase {m.phase}: candidate accuracy {figures['candidate_accuracy']:.4f}, "
+            f"served version {m.served_version} {figures['served_accuracy']:.4f}",
+            m.version,
+            figures,
+        )
+
+    def _activate(self, m: codec.Manifest, version: int, kind: str, why: str) -> None:
+        node: Any = self.node
+        try:
+            node.activate(version)
+        except Exception as exc:
+            logger.error("cannot serve version %d (%s): %s", version, why, exc)
+            self._emit_event(
+                EVENT_CANDIDATE_FAILED,
+                f"activate {version}: {exc}",
+                m.version,
+                {"phase": float(m.phase)},
+            )
+            return
+        logger.info("now serving version %d (%s, candidate %d)", version, why, m.version)
+        self._emit_event(
+            kind, f"{why}: serving version {version}", m.version, {"phase": float(m.phase)}
+        )
+        self._publish_status()
 
     # -- install -------------------------------------------------------------------------
 
@@ -591,7 +785,9 @@ class Agent:
         logger.warning("release %d rejected: %s", version, reason)
         self._emit_event(EVENT_REJECTED, reason, version)
 
-    def _emit_event(self, kind: str, detail: str, version: int) -> None:
+    def _emit_event(
+        self, kind: str, detail: str, version: int, figures: dict[str, float] | None = None
+    ) -> None:
         metrics = getattr(self.node, "metrics", None)  # edge.metrics.DeviceMetrics, if any
         if metrics is not None:
             metrics.release_event(kind)
@@ -601,6 +797,7 @@ class Agent:
             kind=kind,
             detail=detail[:1000],
             version=version,
+            metrics=dict(figures or {}),
         )
         self._client.publish(self._event_topic, codec.event_to_bytes(event), qos=1)
 

@@ -263,6 +263,50 @@ class ModelStore:
             self._collect_garbage(version)
             return StoredModel(version, actual, path, bytes(data))
 
+    def stage(self, version: int, data: bytes, sha256: str) -> StoredModel:
+        """Store ``version`` beside the current one without making it current (a candidate).
+
+        Same checks and errors as :meth:`install`; the ``current`` pointer is untouched,
+        so a restart keeps serving what it served. :meth:`activate` serves it later.
+        """
+        if version < 1:
+            raise InstallError(f"version must be >= 1, got {version}")
+        actual = sha256_hex(data)
+        if actual != sha256.lower():
+            raise DigestMismatch(
+                f"package for version {version} hashes to {actual[:12]}…, announced {sha256[:12]}…"
+            )
+        with self._lock:
+            existing = self._files().get(version)
+            if existing is not None:
+                if existing[0] != actual:
+                    raise InstallError(
+                        f"version {version} is already stored with another digest "
+                        f"({existing[0][:12]}…)"
+                    )
+                return StoredModel(version, actual, existing[1], bytes(data))
+            path = self._path(version, actual)
+            try:
+                atomic_write(path, data)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                reason = "disk full" if exc.errno == errno.ENOSPC else str(exc)
+                raise InstallError(f"cannot store version {version}: {reason}") from exc
+            logger.info(
+                "model store %s: staged version %d beside the current one", self.root, version
+            )
+            current = self.current_version()
+            if current is not None:
+                self._collect_garbage(current, also_keep=version)
+            return StoredModel(version, actual, path, bytes(data))
+
+    def has(self, version: int, sha256: str) -> bool:
+        """Whether ``version`` is stored with digest ``sha256`` (file name only, not re-hashed)."""
+        with self._lock:
+            entry = self._files().get(version)
+            return entry is not None and entry[0] == sha256.lower()
+
     def activate(self, version: int) -> StoredModel:
         """Make the stored ``version`` current (pin or roll back); verifies it first."""
         with self._lock:
@@ -283,8 +327,8 @@ class ModelStore:
                 raise ModelNotFound(f"no stored version older than {current} to roll back to")
             return self.activate(older[-1])
 
-    def _collect_garbage(self, current: int) -> None:
-        others = sorted((v for v in self._files() if v != current), reverse=True)
+    def _collect_garbage(self, current: int, also_keep: int | None = None) -> None:
+        others = sorted((v for v in self._files() if v not in (current, also_keep)), reverse=True)
         for version in others[self.keep :]:
             _sha, path = self._files()[version]
             try:

@@ -132,6 +132,59 @@ class EdgeNode:
             finally:
                 self._updating = False
 
+    def stage_release(self, version: int, data: bytes, sha256: str) -> None:
+        """Verify and store a candidate beside the served version, without serving it.
+
+        The same checks as :meth:`install_release` (digest, package, isolation, a built
+        and warmed model); any failure raises InstallError and nothing is stored.
+        """
+        with self._install_lock:
+            actual = codec.sha256_hex(data)
+            if actual != sha256.lower():
+                raise InstallError(
+                    f"candidate {version}: digest {actual[:12]}… differs from announced {sha256[:12]}…"
+                )
+            try:
+                package = codec.package_from_bytes(data)
+                check_isolated(package.tflite, package.card_json)
+            except (CodecError, UnsafeModelError) as exc:
+                raise InstallError(f"candidate {version}: {exc}") from exc
+            self.serving.build(version, package, actual)  # InstallError when unusable
+            try:
+                self.store.stage(version, data, actual)
+            except StoreError as exc:
+                raise InstallError(f"candidate {version}: {exc}") from exc
+
+    def has_version(self, version: int, sha256: str) -> bool:
+        """Whether ``version`` is stored with that digest (staged or installed)."""
+        return self.store.has(version, sha256)
+
+    def check_candidate(self, version: int, served_version: int) -> dict[str, float]:
+        """Evaluate the stored candidate and the fleet's served version on local data.
+
+        Returns ``candidate_accuracy``, ``served_accuracy``, ``candidate_loss``,
+        ``served_loss`` and ``examples``. The served version's weights come from the
+        store, or from the model being served when that version is no longer stored.
+        Serving is not affected (the trainer's own interpreter evaluates).
+        """
+        try:
+            candidate = self.store.get(version).package().weights
+            if served_version and served_version in self.store.versions():
+                served = self.store.get(served_version).package().weights
+            else:
+                served = self.serving.require().weights()
+        except (EdgeError, CodecError) as exc:
+            raise InstallError(f"candidate {version} cannot be checked: {exc}") from exc
+        cand = self.trainer.evaluate(candidate, {})
+        base = self.trainer.evaluate(served, {})
+        return {
+            "candidate_accuracy": float(cand.metrics["accuracy"]),
+            "served_accuracy": float(base.metrics["accuracy"]),
+            "candidate_loss": float(cand.loss),
+            "served_loss": float(base.loss),
+            "examples": float(cand.num_examples),
+        }
+
     def activate(self, version: int) -> None:
         """Serve the stored ``version`` (pin or roll back); InstallError keeps the current one."""
         with self._install_lock:

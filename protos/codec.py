@@ -266,10 +266,27 @@ class Manifest:
     sequence: int = 0
     signature: bytes = b""
     signing_key_id: str = ""
+    #: 0 on a promoted release; n >= 1 on a candidate of rollout phase n.
+    phase: int = 0
+    #: Candidates: the cohort bound (devices whose protos.cohort position is below it).
+    cohort_ppm: int = 0
+    #: Candidates: one of CANDIDATE_ACTIONS.
+    action: str = ""
+    #: Candidates: the fleet's promoted version (compared against, returned to on revert).
+    served_version: int = 0
 
     @property
     def chunk_count(self) -> int:
         return len(self.chunk_sha256)
+
+    @property
+    def candidate(self) -> bool:
+        """Whether this is a staged rollout's candidate (not a promoted release)."""
+        return self.phase > 0
+
+
+#: What a candidate asks its cohort to do (``Manifest.action``).
+CANDIDATE_ACTIONS = ("check", "serve", "revert", "halt")
 
 
 def manifest_to_proto(m: Manifest) -> release_pb2.ReleaseManifest:
@@ -292,6 +309,10 @@ def manifest_to_proto(m: Manifest) -> release_pb2.ReleaseManifest:
         signing_key_id=m.signing_key_id,
         pinned=m.pinned,
         sequence=m.sequence,
+        phase=m.phase,
+        cohort_ppm=m.cohort_ppm,
+        action=m.action,
+        served_version=m.served_version,
     )
 
 
@@ -352,6 +373,21 @@ def manifest_from_bytes(data: bytes, *, max_chunks: int = 1 << 16) -> Manifest:
         problems.append(f"metrics not finite: {', '.join(sorted(bad_metrics))}")
     if msg.sequence < 0:
         problems.append(f"sequence must be ≥ 0, got {msg.sequence}")
+    if msg.phase < 0:
+        problems.append(f"phase must be ≥ 0, got {msg.phase}")
+    elif msg.phase == 0 and (msg.cohort_ppm or msg.action or msg.served_version):
+        problems.append("a promoted release (phase 0) carries no cohort, action or served_version")
+    elif msg.phase > 0:
+        if not 0 < msg.cohort_ppm <= 1_000_000:
+            problems.append(f"cohort_ppm must be in 1..1000000, got {msg.cohort_ppm}")
+        if msg.action not in CANDIDATE_ACTIONS:
+            problems.append(f"action {msg.action!r} is not one of {', '.join(CANDIDATE_ACTIONS)}")
+        if msg.pinned:
+            problems.append("a candidate cannot be pinned")
+        if not 0 <= msg.served_version < msg.version:
+            problems.append(
+                f"served_version {msg.served_version} must be ≥ 0 and below version {msg.version}"
+            )
     if problems:
         raise ManifestError("invalid release manifest: " + "; ".join(problems))
     return Manifest(
@@ -370,11 +406,17 @@ def manifest_from_bytes(data: bytes, *, max_chunks: int = 1 << 16) -> Manifest:
         sequence=msg.sequence,
         signature=msg.signature,
         signing_key_id=msg.signing_key_id,
+        phase=msg.phase,
+        cohort_ppm=msg.cohort_ppm,
+        action=msg.action,
+        served_version=msg.served_version,
     )
 
 
 #: First line of the signed form; a new layout gets a new prefix.
 SIGNED_FORM_PREFIX = b"edgefl.release-manifest.v2\n"
+#: First line of a candidate's signed form (a staged rollout's phase, ``phase`` ≥ 1).
+CANDIDATE_FORM_PREFIX = b"edgefl.release-candidate.v1\n"
 
 #: How the signed bytes are built, in Markdown (docs/reference.md renders it).
 SIGNED_FORM_DOC = """\
@@ -402,6 +444,13 @@ separates or surrounds them. Values are written as:
 
 `signature` and `signing_key_id` are not part of the signed bytes. `signing_key_id` is
 the first 16 hex digits of the SHA-256 of the raw 32-byte public key.
+
+A *candidate* (`phase` ≥ 1, staged rollouts) is signed over the same lines with the first
+line `edgefl.release-candidate.v1` instead, followed after `sequence` by four more lines:
+`phase`, `cohort_ppm`, `served_version` (integers) and `action` (a string). The different
+first line means a candidate's signature can never pass as a promoted release's, and a
+promoted release (`phase` 0) keeps exactly the `v2` bytes above, so devices that predate
+candidates verify it unchanged.
 """
 
 
@@ -435,7 +484,15 @@ def manifest_signing_bytes(m: Manifest) -> bytes:
         bits = struct.pack(">d", float(m.metrics[name])).hex()
         lines.append(b"metric=" + _signed_str(name) + b" " + bits.encode("ascii"))
     lines += [b"pinned=" + (b"true" if m.pinned else b"false"), b"sequence=%d" % m.sequence]
-    return SIGNED_FORM_PREFIX + b"".join(line + b"\n" for line in lines)
+    if m.phase <= 0:
+        return SIGNED_FORM_PREFIX + b"".join(line + b"\n" for line in lines)
+    lines += [
+        b"phase=%d" % m.phase,
+        b"cohort_ppm=%d" % m.cohort_ppm,
+        b"served_version=%d" % m.served_version,
+        b"action=" + _signed_str(m.action),
+    ]
+    return CANDIDATE_FORM_PREFIX + b"".join(line + b"\n" for line in lines)
 
 
 def split_chunks(data: bytes, chunk_size: int) -> list[bytes]:
@@ -537,6 +594,7 @@ class DeviceEvent:
     kind: str
     detail: str = ""
     version: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def event_to_bytes(e: DeviceEvent) -> bytes:
@@ -546,6 +604,7 @@ def event_to_bytes(e: DeviceEvent) -> bytes:
         kind=e.kind,
         detail=e.detail,
         version=e.version,
+        metrics=dict(e.metrics),
     ).SerializeToString(deterministic=True)
 
 
@@ -557,4 +616,5 @@ def event_from_bytes(data: bytes) -> DeviceEvent:
         raise StatusError(f"device event is not a valid protobuf: {exc}") from exc
     if not msg.device_id or not msg.kind:
         raise StatusError("device event needs device_id and kind")
-    return DeviceEvent(msg.device_id, msg.timestamp_ms, msg.kind, msg.detail, msg.version)
+    metrics = {k: v for k, v in msg.metrics.items() if math.isfinite(v)}
+    return DeviceEvent(msg.device_id, msg.timestamp_ms, msg.kind, msg.detail, msg.version, metrics)

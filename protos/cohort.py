@@ -1,21 +1,46 @@
-"""Cohort positions: which devices a staged rollout's phase addresses.
+"""Staged rollouts on the wire: cohort positions and what a candidate asks a device to do.
 
-A device's **cohort position** is a number in ``0..999_999`` (parts per million of the
-fleet) that depends only on the fleet name and the device id, so it is the same on the
-cloud and on the device, across restarts and releases:
+**Cohort position.** A device's position is a number in ``0..999_999`` (parts per million
+of the fleet) that depends only on the fleet name and the device id, so the cloud and the
+device compute the same one, across restarts and releases:
 
     position = int.from_bytes(SHA-256(UTF-8(fleet + "/" + device_id))[:8], "big") * 1_000_000 >> 64
 
-A candidate release names a bound, ``cohort_ppm``; the devices whose position is below
-it are the phase's cohort. Phases are cumulative (a later phase's bound is higher), so a
-device checked in phase 1 is part of every later phase too. Positions are uniform, so a
-bound of ``fraction * 1_000_000`` addresses about that fraction of the fleet; the cloud
-raises the bound to reach a phase's minimum device count (:func:`bound_for`).
+A candidate names a bound, ``cohort_ppm``; the devices whose position is below it are the
+phase's cohort. Phases are cumulative (a later phase's bound is higher), so a device of
+phase 1 belongs to every later phase. The cloud sets a phase's bound just above the
+position of the last device it takes: the first ``max(min_devices, ceil(fraction * n))``
+of the ``n`` online devices in cohort order (:func:`bound_for`); the last phase (1.0)
+addresses every device.
+
+**Candidates.** Under a staged policy the cloud publishes each new version first as a
+*candidate*: a `ReleaseManifest` with `phase` ≥ 1, `cohort_ppm`, `action` and
+`served_version` (the fleet's promoted version), signed with the candidate form (see
+"Signed release manifests"), retained with QoS 1 on `edgefl/{fleet}/release/candidate`;
+its chunks go on the usual chunk topics. A device that knows candidates verifies it like
+a release (fleet, signature, sequence floor and clock bound; candidates have their own
+sequence, persisted as `candidate_sequence`) and then, if it is in the cohort:
+
+| action | the device |
+|---|---|
+| `check` | stores the candidate beside the served version without serving it, evaluates the candidate and `served_version` on its local samples with its own trainer interpreter, and sends a `candidate_checked` event (`metrics`: `candidate_accuracy`, `served_accuracy`, `candidate_loss`, `served_loss`, `examples`, `phase`), or `candidate_failed` with the reason |
+| `serve` | serves the stored candidate (`candidate_served`) |
+| `revert` | if it serves the candidate, serves `served_version` again (`candidate_reverted`) |
+| `halt` | nothing: it keeps what it serves |
+
+Whatever the cohort, a device that serves a version above `served_version` that is not
+the candidate's (an older candidate never promoted) serves `served_version` again: a
+newer candidate supersedes it. A promoted release is the existing retained release on
+`edgefl/{fleet}/release/manifest`, so a device that predates candidates (it never
+subscribes to the candidate topic) keeps following promoted releases, and a device that
+was offline gets the last promoted version. The device has no separate held-out split
+yet: the check uses every local sample, which training uses too.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable
 
 #: Positions run from 0 to SCALE - 1; a bound of SCALE addresses every device.
@@ -34,18 +59,24 @@ def in_cohort(fleet: str, device_id: str, cohort_ppm: int) -> bool:
 
 
 def bound_for(fleet: str, devices: Iterable[str], fraction: float, min_devices: int) -> int:
-    """The bound of a phase: ``fraction`` of the fleet, raised to take ``min_devices``.
+    """The bound of a phase that takes ``fraction`` of ``devices``, at least ``min_devices``.
 
-    The result is at least ``round(fraction * SCALE)`` and, when fewer known devices fall
-    below that, just above the position of the ``min_devices``-th device in cohort order
-    (every device sharing that position is included too). Never above :data:`SCALE`.
+    The phase takes the first ``max(min_devices, ceil(fraction * len(devices)))`` devices
+    in cohort order (every device sharing the last one's position too): the bound is
+    just above that device's position. A fraction of 1.0 addresses every device
+    (:data:`SCALE`), and without known devices the bound is ``fraction * SCALE``.
     """
-    bound = min(SCALE, max(0, round(fraction * SCALE)))
+    if fraction >= 1.0:
+        return SCALE
     ordered = sorted(position(fleet, d) for d in set(devices))
-    if min_devices > 0 and ordered:
-        need = ordered[min(min_devices, len(ordered)) - 1] + 1
-        bound = max(bound, need)
-    return min(SCALE, bound)
+    if not ordered:
+        return max(1, min(SCALE, round(fraction * SCALE)))
+    take = max(min_devices, math.ceil(fraction * len(ordered) - 1e-9))
+    if take <= 0:
+        return max(1, min(SCALE, round(fraction * SCALE)))
+    if take >= len(ordered):
+        return SCALE
+    return ordered[take - 1] + 1
 
 
 def members(fleet: str, devices: Iterable[str], cohort_ppm: int) -> list[str]:

@@ -3,6 +3,7 @@
 Layout (``{fleet}`` and ``{device}`` are validated names)::
 
     edgefl/{fleet}/release/manifest               retained, QoS 1: the current release
+    edgefl/{fleet}/release/candidate              retained, QoS 1: a staged rollout's candidate
     edgefl/{fleet}/release/{version}/chunk/{i}    retained, QoS 1: artifact chunk i
     edgefl/{fleet}/device/{device}/status         retained, QoS 1: DeviceStatus (+ Last Will)
     edgefl/{fleet}/device/{device}/event          QoS 1: DeviceEvent (rejections, installs)
@@ -37,6 +38,11 @@ def check_name(value: str, *, what: str = "name") -> str:
 
 def release_manifest(fleet: str) -> str:
     return f"{PREFIX}/{check_name(fleet, what='fleet')}/release/manifest"
+
+
+def release_candidate(fleet: str) -> str:
+    """A staged rollout's candidate manifest (devices that predate rollouts never read it)."""
+    return f"{PREFIX}/{check_name(fleet, what='fleet')}/release/candidate"
 
 
 def release_chunk(fleet: str, version: int, index: int) -> str:
@@ -80,7 +86,7 @@ def acl_device_pattern_lines(fleet: str) -> list[str]:
 
 @dataclass(frozen=True)
 class ParsedTopic:
-    kind: str  # "manifest", "chunk", "status", "event"
+    kind: str  # "manifest", "candidate", "chunk", "status", "event"
     fleet: str
     version: int = 0
     index: int = -1
@@ -96,6 +102,8 @@ def parse(topic: str) -> ParsedTopic:
     rest = parts[2:]
     if rest == ["release", "manifest"]:
         return ParsedTopic("manifest", fleet)
+    if rest == ["release", "candidate"]:
+        return ParsedTopic("candidate", fleet)
     if len(rest) == 4 and rest[0] == "release" and rest[2] == "chunk":
         try:
             version, index = int(rest[1]), int(rest[3])

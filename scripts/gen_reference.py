@@ -336,6 +336,23 @@ def _signed_form_section() -> list[str]:
     ]
 
 
+def _rollout_section() -> list[str]:
+    sys.path.insert(0, str(ROOT))
+    from protos import cohort
+
+    doc = (inspect.getdoc(cohort) or "").replace("``", "`")
+    _title, _, body = doc.partition("\n\n")
+    return [
+        "## Staged rollouts",
+        "",
+        "From `protos/cohort.py` (the cloud side is `cloud/rollout.py`; the policy is "
+        "`[rollout]` in cloud.toml, see the operator guide).",
+        "",
+        *body.splitlines(),
+        "",
+    ]
+
+
 def render() -> str:
     """The whole of docs/reference.md."""
     fds = _descriptor_set()
@@ -360,6 +377,7 @@ def render() -> str:
             continue  # imported well-known types
         _render_file(lines, fp)
     lines += _signed_form_section()
+    lines += _rollout_section()
     lines += _topics_section()
     text = "\n".join(lines)
     while "\n\n\n" in text:

@@ -115,12 +115,18 @@ def test_cohort_positions_are_roughly_uniform() -> None:
     assert 140 < len(below) < 260  # ~10 % of 2000
 
 
-def test_bound_takes_the_minimum_device_count_in_cohort_order() -> None:
+def test_bound_takes_the_fraction_of_devices_in_cohort_order() -> None:
     devices = [f"dev-{i}" for i in range(5)]
     ordered = sorted(devices, key=lambda d: cohort.position("e2e", d))
-    # A tiny fraction addresses nobody by itself: the minimum pulls in the first two.
-    bound = cohort.bound_for("e2e", devices, 1e-9, 2)
+    # 10 % of 5 devices rounds up to one device; the minimum of 2 pulls in a second one.
+    one = cohort.bound_for("e2e", devices, 0.1, 0)
+    assert cohort.members("e2e", devices, one) == [ordered[0]]
+    assert one == cohort.position("e2e", ordered[0]) + 1
+    bound = cohort.bound_for("e2e", devices, 0.1, 2)
     assert cohort.members("e2e", devices, bound) == sorted(ordered[:2])
+    assert cohort.members("e2e", devices, cohort.bound_for("e2e", devices, 0.5, 1)) == sorted(
+        ordered[:3]
+    )
     assert cohort.bound_for("e2e", devices, 1.0, 1) == cohort.SCALE
     assert cohort.members("e2e", devices, cohort.SCALE) == sorted(devices)
     # Phases are cumulative: a device in a lower bound's cohort is in every higher one.

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.edgefl.v1 import tensor_pb2 as protos_dot_edgefl_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/edgefl/v1/release.proto\x12\tedgefl.v1\x1a\x1dprotos/edgefl/v1/tensor.proto\"I\n\x08\x43hunking\x12\x12\n\nchunk_size\x18\x01 \x01(\x03\x12\x13\n\x0b\x63hunk_count\x18\x02 \x01(\x03\x12\x14\n\x0c\x63hunk_sha256\x18\x03 \x03(\t\"\x96\x03\n\x0fReleaseManifest\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x16\n\x0eparent_version\x18\x03 \x01(\x03\x12\r\n\x05round\x18\x04 \x01(\x03\x12\x15\n\rcreated_at_ms\x18\x05 \x01(\x03\x12\x17\n\x0f\x61rchitecture_id\x18\x06 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x07 \x01(\t\x12\x15\n\rartifact_size\x18\x08 \x01(\x03\x12%\n\x08\x63hunking\x18\t \x01(\x0b\x32\x13.edgefl.v1.Chunking\x12\x38\n\x07metrics\x18\n \x03(\x0b\x32\'.edgefl.v1.ReleaseManifest.MetricsEntry\x12\x11\n\tsignature\x18\x0b \x01(\x0c\x12\x16\n\x0esigning_key_id\x18\x0c \x01(\t\x12\x0e\n\x06pinned\x18\r \x01(\x08\x12\x10\n\x08sequence\x18\x0e \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"n\n\x0cModelPackage\x12\x17\n\x0f\x61rchitecture_id\x18\x01 \x01(\t\x12\x0e\n\x06tflite\x18\x02 \x01(\x0c\x12\x11\n\tcard_json\x18\x03 \x01(\t\x12\"\n\x07weights\x18\x04 \x03(\x0b\x32\x11.edgefl.v1.Tensorb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/edgefl/v1/release.proto\x12\tedgefl.v1\x1a\x1dprotos/edgefl/v1/tensor.proto\"I\n\x08\x43hunking\x12\x12\n\nchunk_size\x18\x01 \x01(\x03\x12\x13\n\x0b\x63hunk_count\x18\x02 \x01(\x03\x12\x14\n\x0c\x63hunk_sha256\x18\x03 \x03(\t\"\xe1\x03\n\x0fReleaseManifest\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x16\n\x0eparent_version\x18\x03 \x01(\x03\x12\r\n\x05round\x18\x04 \x01(\x03\x12\x15\n\rcreated_at_ms\x18\x05 \x01(\x03\x12\x17\n\x0f\x61rchitecture_id\x18\x06 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x07 \x01(\t\x12\x15\n\rartifact_size\x18\x08 \x01(\x03\x12%\n\x08\x63hunking\x18\t \x01(\x0b\x32\x13.edgefl.v1.Chunking\x12\x38\n\x07metrics\x18\n \x03(\x0b\x32\'.edgefl.v1.ReleaseManifest.MetricsEntry\x12\x11\n\tsignature\x18\x0b \x01(\x0c\x12\x16\n\x0esigning_key_id\x18\x0c \x01(\t\x12\x0e\n\x06pinned\x18\r \x01(\x08\x12\x10\n\x08sequence\x18\x0e \x01(\x03\x12\r\n\x05phase\x18\x0f \x01(\x03\x12\x12\n\ncohort_ppm\x18\x10 \x01(\x03\x12\x0e\n\x06\x61\x63tion\x18\x11 \x01(\t\x12\x16\n\x0eserved_version\x18\x12 \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"n\n\x0cModelPackage\x12\x17\n\x0f\x61rchitecture_id\x18\x01 \x01(\t\x12\x0e\n\x06tflite\x18\x02 \x01(\x0c\x12\x11\n\tcard_json\x18\x03 \x01(\t\x12\"\n\x07weights\x18\x04 \x03(\x0b\x32\x11.edgefl.v1.Tensorb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,9 +37,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHUNKING']._serialized_start=76
   _globals['_CHUNKING']._serialized_end=149
   _globals['_RELEASEMANIFEST']._serialized_start=152
-  _globals['_RELEASEMANIFEST']._serialized_end=558
-  _globals['_RELEASEMANIFEST_METRICSENTRY']._serialized_start=512
-  _globals['_RELEASEMANIFEST_METRICSENTRY']._serialized_end=558
-  _globals['_MODELPACKAGE']._serialized_start=560
-  _globals['_MODELPACKAGE']._serialized_end=670
+  _globals['_RELEASEMANIFEST']._serialized_end=633
+  _globals['_RELEASEMANIFEST_METRICSENTRY']._serialized_start=587
+  _globals['_RELEASEMANIFEST_METRICSENTRY']._serialized_end=633
+  _globals['_MODELPACKAGE']._serialized_start=635
+  _globals['_MODELPACKAGE']._serialized_end=745
 # @@protoc_insertion_point(module_scope)

@@ -95,6 +95,10 @@ class ReleaseManifest(_message.Message):
     SIGNING_KEY_ID_FIELD_NUMBER: _builtins.int
     PINNED_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    COHORT_PPM_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    SERVED_VERSION_FIELD_NUMBER: _builtins.int
     fleet: _builtins.str
     version: _builtins.int
     """Monotonically increasing within a fleet. A device never installs a version
@@ -120,6 +124,25 @@ class ReleaseManifest(_message.Message):
     publishes in a fleet; devices ignore a manifest whose sequence is not newer than
     the last one they accepted.
     """
+    phase: _builtins.int
+    """Staged rollouts (see "Staged rollouts" below). 0 on a promoted release, the one on
+    the retained manifest topic; n >= 1 on a *candidate* (candidate topic only): the
+    rollout phase it belongs to. A candidate's signed form starts with another line, so
+    a candidate's signature never verifies as a release's.
+    """
+    cohort_ppm: _builtins.int
+    """Candidates: the phase's cohort, every device whose cohort position (protos.cohort,
+    0..999999) is below this bound.
+    """
+    action: _builtins.str
+    """Candidates: what the cohort does now: "check" (install side by side, evaluate,
+    report), "serve" (serve the candidate), "revert" (serve `served_version` again),
+    "halt" (stop; devices keep what they serve).
+    """
+    served_version: _builtins.int
+    """Candidates: the fleet's promoted version, which the check compares against and a
+    revert returns to.
+    """
     @_builtins.property
     def chunking(self) -> Global___Chunking: ...
     @_builtins.property
@@ -141,10 +164,14 @@ class ReleaseManifest(_message.Message):
         signing_key_id: _builtins.str = ...,
         pinned: _builtins.bool = ...,
         sequence: _builtins.int = ...,
+        phase: _builtins.int = ...,
+        cohort_ppm: _builtins.int = ...,
+        action: _builtins.str = ...,
+        served_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunking", b"chunking"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture_id", b"architecture_id", "artifact_sha256", b"artifact_sha256", "artifact_size", b"artifact_size", "chunking", b"chunking", "created_at_ms", b"created_at_ms", "fleet", b"fleet", "metrics", b"metrics", "parent_version", b"parent_version", "pinned", b"pinned", "round", b"round", "sequence", b"sequence", "signature", b"signature", "signing_key_id", b"signing_key_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "architecture_id", b"architecture_id", "artifact_sha256", b"artifact_sha256", "artifact_size", b"artifact_size", "chunking", b"chunking", "cohort_ppm", b"cohort_ppm", "created_at_ms", b"created_at_ms", "fleet", b"fleet", "metrics", b"metrics", "parent_version", b"parent_version", "phase", b"phase", "pinned", b"pinned", "round", b"round", "sequence", b"sequence", "served_version", b"served_version", "signature", b"signature", "signing_key_id", b"signing_key_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/edgefl/v1/status.proto\x12\tedgefl.v1\"p\n\rResourceUsage\x12\x13\n\x0b\x63pu_percent\x18\x01 \x01(\x01\x12\x11\n\trss_bytes\x18\x02 \x01(\x03\x12\x17\n\x0f\x64isk_free_bytes\x18\x03 \x01(\x03\x12\x1e\n\x16memory_available_bytes\x18\x04 \x01(\x03\"\x96\x03\n\x0c\x44\x65viceStatus\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05\x66leet\x18\x02 \x01(\t\x12\x17\n\x0fserving_version\x18\x03 \x01(\x03\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.edgefl.v1.DeviceState\x12\x1a\n\x12last_round_trained\x18\x05 \x01(\x03\x12\x14\n\x0csample_count\x18\x06 \x01(\x03\x12+\n\tresources\x18\x07 \x01(\x0b\x32\x18.edgefl.v1.ResourceUsage\x12\x14\n\x0ctimestamp_ms\x18\x08 \x01(\x03\x12\x0f\n\x07profile\x18\t \x01(\t\x12\x12\n\nlast_error\x18\n \x01(\t\x12>\n\x0clast_metrics\x18\x0b \x03(\x0b\x32(.edgefl.v1.DeviceStatus.LastMetricsEntry\x12\x16\n\x0e\x65\x64gefl_version\x18\x0c \x01(\t\x1a\x32\n\x10LastMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"e\n\x0b\x44\x65viceEvent\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x03*o\n\x0b\x44\x65viceState\x12\x1c\n\x18\x44\x45VICE_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0c\n\x08TRAINING\x10\x02\x12\x0c\n\x08UPDATING\x10\x03\x12\x0c\n\x08\x44\x45GRADED\x10\x04\x12\x0b\n\x07OFFLINE\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/edgefl/v1/status.proto\x12\tedgefl.v1\"p\n\rResourceUsage\x12\x13\n\x0b\x63pu_percent\x18\x01 \x01(\x01\x12\x11\n\trss_bytes\x18\x02 \x01(\x03\x12\x17\n\x0f\x64isk_free_bytes\x18\x03 \x01(\x03\x12\x1e\n\x16memory_available_bytes\x18\x04 \x01(\x03\"\x96\x03\n\x0c\x44\x65viceStatus\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05\x66leet\x18\x02 \x01(\t\x12\x17\n\x0fserving_version\x18\x03 \x01(\x03\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.edgefl.v1.DeviceState\x12\x1a\n\x12last_round_trained\x18\x05 \x01(\x03\x12\x14\n\x0csample_count\x18\x06 \x01(\x03\x12+\n\tresources\x18\x07 \x01(\x0b\x32\x18.edgefl.v1.ResourceUsage\x12\x14\n\x0ctimestamp_ms\x18\x08 \x01(\x03\x12\x0f\n\x07profile\x18\t \x01(\t\x12\x12\n\nlast_error\x18\n \x01(\t\x12>\n\x0clast_metrics\x18\x0b \x03(\x0b\x32(.edgefl.v1.DeviceStatus.LastMetricsEntry\x12\x16\n\x0e\x65\x64gefl_version\x18\x0c \x01(\t\x1a\x32\n\x10LastMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xcb\x01\n\x0b\x44\x65viceEvent\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x34\n\x07metrics\x18\x06 \x03(\x0b\x32#.edgefl.v1.DeviceEvent.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*o\n\x0b\x44\x65viceState\x12\x1c\n\x18\x44\x45VICE_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0c\n\x08TRAINING\x10\x02\x12\x0c\n\x08UPDATING\x10\x03\x12\x0c\n\x08\x44\x45GRADED\x10\x04\x12\x0b\n\x07OFFLINE\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,14 +33,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DEVICESTATUS_LASTMETRICSENTRY']._loaded_options = None
   _globals['_DEVICESTATUS_LASTMETRICSENTRY']._serialized_options = b'8\001'
-  _globals['_DEVICESTATE']._serialized_start=670
-  _globals['_DEVICESTATE']._serialized_end=781
+  _globals['_DEVICEEVENT_METRICSENTRY']._loaded_options = None
+  _globals['_DEVICEEVENT_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_DEVICESTATE']._serialized_start=773
+  _globals['_DEVICESTATE']._serialized_end=884
   _globals['_RESOURCEUSAGE']._serialized_start=44
   _globals['_RESOURCEUSAGE']._serialized_end=156
   _globals['_DEVICESTATUS']._serialized_start=159
   _globals['_DEVICESTATUS']._serialized_end=565
   _globals['_DEVICESTATUS_LASTMETRICSENTRY']._serialized_start=515
   _globals['_DEVICESTATUS_LASTMETRICSENTRY']._serialized_end=565
-  _globals['_DEVICEEVENT']._serialized_start=567
-  _globals['_DEVICEEVENT']._serialized_end=668
+  _globals['_DEVICEEVENT']._serialized_start=568
+  _globals['_DEVICEEVENT']._serialized_end=771
+  _globals['_DEVICEEVENT_METRICSENTRY']._serialized_start=725
+  _globals['_DEVICEEVENT_METRICSENTRY']._serialized_end=771
 # @@protoc_insertion_point(module_scope)
