@@ -52,7 +52,7 @@ from typing import Any
 
 from cloud.config import CloudSettings
 from cloud.registry import Registry
-from cloud.rollout_policy import CheckReport, GateResult, evaluate_gate
+from cloud.rollout_policy import CheckReport, GateResult, evaluate_gate, phases_of
 from protos import codec, cohort
 
 logger = logging.getLogger(__name__)
@@ -223,12 +223,7 @@ class RolloutController:
                 architecture_id=v.architecture_id,
                 metrics=dict(v.metrics),
                 package=self.registry.version_bytes(version),
-                phases=[
-                    Phase(i + 1, f, m)
-                    for i, (f, m) in enumerate(
-                        zip(self.policy.phases, self.policy.min_devices, strict=True)
-                    )
-                ],
+                phases=[Phase(i + 1, f, m) for i, (f, m) in enumerate(phases_of(self.policy))],
             )
             self._begin_phase(rollout, with_chunks=True)
             if active is not None and active.status == "running":
@@ -238,7 +233,7 @@ class RolloutController:
             self._record(
                 "rollout started",
                 version,
-                {"served_version": rollout.served_version, "phases": list(self.policy.phases)},
+                {"served_version": rollout.served_version, "phases": self.policy.phases},
             )
             return rollout.sequence
 

@@ -121,8 +121,8 @@ def test_staged_rollout_good_bad_and_silent_devices(
     s = cloud_settings
     s.rollout = RolloutSection(
         policy="staged",
-        phases=(0.25, 1.0),
-        min_devices=(1, 0),
+        phases="0.25, 1.0",
+        min_devices="1, 0",
         max_accuracy_drop=0.05,
         soak_s=1.0,
         phase_timeout_s=PHASE_TIMEOUT_S,
