@@ -18,6 +18,7 @@ value, a failed runtime step), it keeps that base too (``ValueError``,
     ├── InstallError         a release could not be installed or served  → FAILED_PRECONDITION
     ├── TaskRefused          a Flower message the device will not execute (unapproved run,
     │                        unknown content keys or message type)       → PERMISSION_DENIED
+    ├── TaskInputUnavailable a task's message never arrived from the SuperNode → UNAVAILABLE
     ├── TrainingCancelled    a Fit stopped between steps (task timed out, run stopped,
     │                        device shutting down)                       → CANCELLED
     ├── DataError            the local sample store failed               → INTERNAL
@@ -127,6 +128,10 @@ class InstallError(EdgeError):
 
 class TaskRefused(EdgeError):
     """A Flower message this device will not execute; nothing of it ran."""
+
+
+class TaskInputUnavailable(EdgeError):
+    """A task's message never arrived from the SuperNode; nothing of it ran."""
 
 
 class TrainingCancelled(EdgeError):

@@ -9,7 +9,11 @@ run_clientapp``), minus the process and minus the FAB:
 1. ``AcquireTask`` (signed with the SuperExec auth secret the SuperNode was started
    with, so no other local process can take the device's tasks) → a task token;
 2. ``pull_task_input`` → message, context, run (and the FAB, which is dropped: it is
-   never unpacked, put on ``sys.path`` or imported);
+   never unpacked, put on ``sys.path`` or imported), bounded by ``input_timeout_s``:
+   Flower's own pull retries a missing object for up to two hours, and a SuperNode that
+   reconnected to a restarted SuperLink can hand out a task whose message it then ignores
+   (its run is no longer running). Unbounded, that one task would keep the device busy,
+   so it would miss every round of the new run;
 3. **approval**: the message must carry the fleet's signed approval of the task's run
    (:mod:`edge.run_approval`), otherwise it is refused and nothing of it runs;
 4. the installed :class:`~edge.clientapp.EdgeClientApp` answers it in a worker thread,
@@ -58,7 +62,7 @@ from flwr.supercore.interceptors import (
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from edge.errors import EdgeError, TaskRefused, TrainingCancelled
+from edge.errors import EdgeError, TaskInputUnavailable, TaskRefused, TrainingCancelled
 from edge.run_approval import APPROVAL_KEY, ApprovalError, verify_approval
 
 logger = logging.getLogger(__name__)
@@ -67,6 +71,9 @@ logger = logging.getLogger(__name__)
 POLL_INTERVAL_S = 0.1
 #: Seconds a task may run before it is cancelled and answered with an error.
 TASK_TIMEOUT_S = 600.0
+#: Seconds the task's input (message, context) may take to arrive from the SuperNode.
+#: Its objects are already in the SuperNode's store, on loopback: this is generous.
+INPUT_TIMEOUT_S = 30.0
 #: Seconds a cancelled task gets to stop before the error reply goes out anyway.
 CANCEL_GRACE_S = 10.0
 #: Seconds between task heartbeats (the SuperNode fails a task after
@@ -154,6 +161,7 @@ class TaskExecutor:
         auth_secret: bytes | None = None,
         poll_interval_s: float = POLL_INTERVAL_S,
         task_timeout_s: float = TASK_TIMEOUT_S,
+        input_timeout_s: float = INPUT_TIMEOUT_S,
     ) -> None:
         self.runtime_address = runtime_address
         self.handler = handler
@@ -161,6 +169,7 @@ class TaskExecutor:
         self.auth_secret = auth_secret
         self.poll_interval_s = poll_interval_s
         self.task_timeout_s = task_timeout_s
+        self.input_timeout_s = input_timeout_s
         self.outcomes: list[TaskOutcome] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -243,15 +252,7 @@ class TaskExecutor:
         started = time.monotonic()
         self._busy.set()
         self._cancel.clear()
-        client = RuntimeHttpClient.from_server_address(
-            self.runtime_address,
-            insecure=True,
-            root_certificates=None,
-            interceptors=[
-                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                RuntimeTokenHttpInterceptor(token),
-            ],
-        )
+        client = self._task_client(token)
         heartbeat = _Heartbeat(client, self._cancel)
         heartbeat.start()
         message: Message | None = None
@@ -259,8 +260,7 @@ class TaskExecutor:
         reply: Message | None = None
         status, reason, sub_status = "failed", "task input could not be pulled", SubStatus.FAILED
         try:
-            message, context, _run, fab = pull_task_input(client)
-            del fab  # never unpacked, never on sys.path, never imported
+            message, context = self._pull_input(token)
             if message.metadata.run_id != run_id or context.run_id != run_id:
                 raise TaskRefused(
                     f"task {task_id} of run {run_id} came with a message of run "
@@ -308,6 +308,50 @@ class TaskExecutor:
             outcome.seconds,
             f": {reason}" if reason else "",
         )
+
+    def _task_client(self, token: str) -> RuntimeHttpClient:
+        return RuntimeHttpClient.from_server_address(
+            self.runtime_address,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                RuntimeTokenHttpInterceptor(token),
+            ],
+        )
+
+    def _pull_input(self, token: str) -> tuple[Message, Context]:
+        """The task's message and context, or :class:`TaskInputUnavailable` in time.
+
+        The pull runs on its own client in a helper thread; giving up closes that client,
+        which ends the pull's retries (its next request fails at once).
+        """
+        client = self._task_client(token)
+        pulled: concurrent.futures.Future[tuple[Message, Context]] = concurrent.futures.Future()
+
+        def pull() -> None:
+            try:
+                message, context, _run, fab = pull_task_input(client)
+                del fab  # never unpacked, never on sys.path, never imported
+                pulled.set_result((message, context))
+            except BaseException as exc:
+                pulled.set_exception(exc)
+
+        threading.Thread(target=pull, name="edgefl-task-input", daemon=True).start()
+        deadline = time.monotonic() + self.input_timeout_s
+        try:
+            while True:
+                with contextlib.suppress(concurrent.futures.TimeoutError):
+                    return pulled.result(timeout=0.2)
+                if self._cancel.is_set():
+                    raise TrainingCancelled("the task was cancelled before its input arrived")
+                if time.monotonic() >= deadline:
+                    raise TaskInputUnavailable(
+                        f"the task's message did not arrive from the SuperNode within "
+                        f"{self.input_timeout_s:.0f}s (its run may have ended)"
+                    )
+        finally:
+            client.close()
 
     def _execute(self, message: Message, context: Context, run_id: int) -> tuple[str, str, Message]:
         """(status, reason, reply) for one message; the approval is checked first."""

@@ -30,6 +30,7 @@ from edge.errors import (
     NoRoomForSamples,
     StoreCorrupt,
     StoreError,
+    TaskInputUnavailable,
     TaskRefused,
     TrainingCancelled,
 )
@@ -50,6 +51,7 @@ GRPC_STATUS: dict[type[BaseException], grpc.StatusCode] = {
     StoreError: grpc.StatusCode.INTERNAL,
     InstallError: grpc.StatusCode.FAILED_PRECONDITION,
     TaskRefused: grpc.StatusCode.PERMISSION_DENIED,
+    TaskInputUnavailable: grpc.StatusCode.UNAVAILABLE,
     TrainingCancelled: grpc.StatusCode.CANCELLED,
     NoLocalData: grpc.StatusCode.FAILED_PRECONDITION,
     NoRoomForSamples: grpc.StatusCode.RESOURCE_EXHAUSTED,

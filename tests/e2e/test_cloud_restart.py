@@ -1,6 +1,13 @@
 """The cloud killed mid-run and restarted resumes from the last stored version.
 
-Run with the registry on SQLite (the default) and on a real PostgreSQL server."""
+Run with the registry on SQLite (the default) and on a real PostgreSQL server.
+
+When the kill lands after round 2's messages reached the SuperLink but before a device
+pulled its one, the restarted SuperLink hands the device that message of the dead run;
+Flower 1.42's SuperNode creates a task for it, then ignores the message. The device's
+executor must give that task up (``edge.executor.INPUT_TIMEOUT_S``): unbounded, it stayed
+busy for the whole resumed run, which "completed" with no version after round 1 (CI,
+session 4, and 1 of 2 local runs before the fix)."""
 
 from __future__ import annotations
 
