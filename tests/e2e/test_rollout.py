@@ -17,6 +17,7 @@ Unix socket as the ServerApp does; the candidates' weights are built here:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -243,3 +244,28 @@ def _wait_offline(registry: Registry, name: str, timeout: float) -> None:
         time.sleep(0.3)
     raise AssertionError(f"{name} still online in the registry")
 
+
+
+def test_a_federated_run_under_a_staged_policy_reaches_every_device(
+    cloud_settings, stack_factory, fleet_factory
+) -> None:
+    # Rounds go on while rollouts run; the run's last version is promoted to everyone.
+    s = cloud_settings
+    s.run = dataclasses.replace(s.run, num_rounds=2, min_nodes=3)
+    s.rollout = RolloutSection(
+        policy="staged", phases="0.34, 1.0", min_devices="1, 0", soak_s=1.0, phase_timeout_s=30.0
+    )
+    stack = stack_factory(s)
+    fleet = fleet_factory(fleet_spec(s, stack, scheme="iid"), 3)
+    addresses = {d.name: d.address for d in fleet.devices}
+    stack.submit_run()
+    assert stack.wait_for_run(timeout=300) == "finished:completed"
+    registry: Registry = stack.registry
+    final = registry.latest_version()
+    assert final is not None and final.round == 2
+    _wait_event(registry, final.version, "rollout promoted", timeout=120)
+    assert registry.current().version == final.version  # type: ignore[union-attr]
+    wait_served(addresses, final.version, timeout=60)
+    started = [e for e in registry.list_events(500) if e.kind == "rollout started"]
+    assert {e.version for e in started} >= {final.version}, "round versions became candidates"
+    assert all(e.version != 1 for e in started), "the fleet's first version is released at once"
