@@ -1,4 +1,4 @@
-"""``edgefl cloud …`` commands: init, up, status, model list/pin."""
+"""``edgefl cloud …`` commands: init, up, status, model list/pin, rollout status/promote/halt."""
 
 from __future__ import annotations
 
@@ -366,6 +366,64 @@ def cmd_model_pin(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_rollouts(status: dict[str, Any]) -> str:
+    """``edgefl cloud rollout status`` as text: the running rollout, then recent ones."""
+    lines = [f"rollout policy: {status.get('policy')}"]
+    rollouts = list(reversed(status.get("history") or []))
+    active = status.get("active")
+    if active is not None and active.get("status") == "running":
+        rollouts.insert(0, active)
+    if not rollouts:
+        lines.append("no rollout yet")
+    for r in rollouts:
+        lines.append(
+            f"version {r['version']} (round {r['round']}, served version "
+            f"{r['served_version']}): {r['status']}, phase {r['phase']}/{r['phase_count']}"
+        )
+        for ph in r.get("phases", []):
+            figures = ph.get("figures") or {}
+            decided = (
+                "open"
+                if ph.get("passed") is None
+                else ("passed" if ph["passed"] else "failed") + f": {ph.get('reason')}"
+            )
+            drop = figures.get("accuracy_drop")
+            lines.append(
+                f"  phase {ph['phase']} ({ph['fraction']:.0%}, {len(ph['cohort'])} devices, "
+                f"{len(ph['checked'])} checked, {len(ph['failed'])} failed"
+                + (f", accuracy drop {drop:+.4f}" if drop is not None else "")
+                + f"): {decided}"
+            )
+    return "\n".join(lines)
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from cloud.signer import SignerClient, SignerError
+
+    settings = _load(args)
+    command = f"rollout {args.rollout_command}"
+    if _running(settings) is None:
+        return _not_running(settings, command)
+    client = SignerClient(settings.data_dir, timeout_s=60.0)
+    try:
+        if args.rollout_command == "status":
+            reply = client.rollout("rollout-status")
+            if args.json:
+                print(json.dumps(reply["status"], indent=2))
+            else:
+                print(format_rollouts(reply["status"]))
+            return 0
+        reply = client.rollout(f"rollout-{args.rollout_command}", args.version)
+    except SignerError as exc:
+        print(f"edgefl cloud {command}: {exc}", file=sys.stderr)
+        return 1
+    if args.rollout_command == "promote":
+        print(f"version {args.version} promoted to the whole fleet (sequence {reply['sequence']})")
+    else:
+        print(f"rollout of version {args.version} halted")
+    return 0
+
+
 def _ranges(numbers: list[int]) -> str:
     """``1-4, 7`` for ``[1, 2, 3, 4, 7]``."""
     out: list[list[int]] = []
@@ -460,3 +518,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("version", type=int)
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.set_defaults(func=_clean_errors(cmd_model_pin))
+
+    rollout = sub.add_parser("rollout", help="staged rollouts: status, promote, halt")
+    rsub = rollout.add_subparsers(dest="rollout_command", metavar="COMMAND", required=True)
+    p = rsub.add_parser("status", help="the running rollout and recent ones, with their gates")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_clean_errors(cmd_rollout))
+    p = rsub.add_parser("promote", help="release VERSION to the whole fleet now, skipping phases")
+    p.add_argument("version", type=int)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.set_defaults(func=_clean_errors(cmd_rollout))
+    p = rsub.add_parser("halt", help="stop the rollout of VERSION where it is")
+    p.add_argument("version", type=int)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.set_defaults(func=_clean_errors(cmd_rollout))

@@ -272,7 +272,8 @@ class RolloutController:
             ph = r.phase
             elapsed = time.monotonic() - ph.started_at
             answered = set(ph.reports) | set(ph.failed)
-            complete = ph.cohort <= answered and elapsed >= self.policy.soak_s
+            # An empty cohort (nobody online) waits for the timeout: devices may come back.
+            complete = bool(ph.cohort) and ph.cohort <= answered and elapsed >= self.policy.soak_s
             if not complete and elapsed < self.policy.phase_timeout_s:
                 return
             result = evaluate_gate(self.policy, ph.reports, set(ph.failed), ph.cohort)

@@ -69,6 +69,8 @@ MAX_RETRY_DELAY_S = 10.0
 #: Every release is recorded as a registry event of this source and kind.
 EVENT_SOURCE = "cloud"
 RELEASED_EVENT_KIND = "release published"
+#: Operator actions on staged rollouts the signer's socket answers besides "release".
+ROLLOUT_OPS = ("rollout-status", "rollout-promote", "rollout-halt")
 
 
 class SignerError(CloudError, RuntimeError):
@@ -356,11 +358,15 @@ class _SignerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             logger.warning("signer: request with a wrong token refused")
             return {"ok": False, "retry": False, "error": "wrong token"}
         version = doc.get("version")
-        if doc.get("op") != "release" or isinstance(version, bool) or not isinstance(version, int):
+        op = doc.get("op")
+        if op in ROLLOUT_OPS:
+            return self._rollout(op, version)
+        if op != "release" or isinstance(version, bool) or not isinstance(version, int):
             return {
                 "ok": False,
                 "retry": False,
-                "error": "expected op 'release' and an integer version",
+                "error": f"expected op 'release' (or one of {', '.join(ROLLOUT_OPS)}) "
+                "and an integer version",
             }
         try:
             sequence = self.signer.release(version)
@@ -374,6 +380,29 @@ class _SignerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             logger.exception("signer: release of version %d failed", version)
             return {"ok": False, "retry": True, "error": f"signer failed: {exc}"}
         return {"ok": True, "version": version, "sequence": sequence}
+
+    def _rollout(self, op: str, version: Any) -> dict[str, Any]:
+        """The operator's rollout actions (``edgefl cloud rollout …``)."""
+        from cloud.rollout import RolloutError
+
+        rollout = self.signer.rollout
+        if op == "rollout-status":
+            return {"ok": True, "status": rollout.status()}
+        if isinstance(version, bool) or not isinstance(version, int):
+            return {"ok": False, "retry": False, "error": f"{op} needs an integer version"}
+        try:
+            if op == "rollout-promote":
+                sequence = rollout.promote(version)
+                return {"ok": True, "version": version, "sequence": sequence}
+            rollout.halt(version)
+            return {"ok": True, "version": version}
+        except RolloutError as exc:
+            return {"ok": False, "retry": False, "error": str(exc)}
+        except SignerUnavailable as exc:
+            return {"ok": False, "retry": True, "error": str(exc)}
+        except Exception as exc:  # the broker away, or a bug: the signer thread lives on
+            logger.exception("signer: %s of version %d failed", op, version)
+            return {"ok": False, "retry": True, "error": f"{op} failed: {exc}"}
 
 
 class SignerService:
@@ -439,13 +468,20 @@ class SignerClient:
 
     def release(self, version: int) -> int:
         """One attempt; returns the sequence, or raises SignerError / SignerUnavailable."""
+        return int(self._ask({"op": "release", "version": version})["sequence"])
+
+    def rollout(self, op: str, version: int | None = None) -> dict[str, Any]:
+        """An operator's rollout action (one of :data:`ROLLOUT_OPS`); the reply object."""
+        return self._ask({"op": op, "version": version})
+
+    def _ask(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
             token = token_path(self.data_dir).read_text().strip()
         except OSError as exc:
             raise SignerUnavailable(
                 f"no signer token ({exc}): is `edgefl cloud up` running?"
             ) from exc
-        request = json.dumps({"token": token, "op": "release", "version": version}).encode()
+        request = json.dumps({"token": token, **body}).encode()
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(self.timeout_s)
@@ -460,8 +496,10 @@ class SignerClient:
             reply = json.loads(line)
         except ValueError as exc:
             raise SignerUnavailable(f"the signer gave no reply ({line[:100]!r})") from exc
+        if not isinstance(reply, dict):
+            raise SignerUnavailable(f"the signer gave no reply ({line[:100]!r})")
         if reply.get("ok"):
-            return int(reply["sequence"])
+            return reply
         error = str(reply.get("error", "unknown error"))
         if reply.get("retry"):
             raise SignerUnavailable(error)

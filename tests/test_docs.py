@@ -308,6 +308,9 @@ COMMAND_TESTS = {
     "devices flash": "tests/devices/test_flash.py::test_cli_flash_twice",
     "devices revoke": "tests/devices/test_flash.py::test_cli_flash_twice",
     "devices emulate": "tests/devices/test_emulate_cli.py::test_emulate_needs_a_cloud_then_serves_and_stops",
+    "cloud rollout status": "tests/e2e/test_rollout.py::test_staged_rollout_good_bad_and_silent_devices",
+    "cloud rollout promote": "tests/e2e/test_rollout.py::test_staged_rollout_good_bad_and_silent_devices",
+    "cloud rollout halt": "tests/e2e/test_rollout.py::test_staged_rollout_good_bad_and_silent_devices",
     "edge data load-digits": "tests/edge/test_load_digits_cli.py::test_load_digits_through_the_device_then_direct",
 }
 #: Documented commands no test runs yet. This list may only shrink: a new documented

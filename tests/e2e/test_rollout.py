@@ -21,6 +21,8 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -40,6 +42,7 @@ from tests.e2e.conftest import fleet_spec, served_version, wait_served
 pytestmark = pytest.mark.slow
 
 PHASE_TIMEOUT_S = 25.0
+EDGEFL = str(Path(sys.executable).parent / "edgefl")
 
 
 def _trained_weights(model_dir: Path) -> dict[str, np.ndarray]:
@@ -225,6 +228,45 @@ def test_staged_rollout_good_bad_and_silent_devices(
     wait_served(addresses, v4, timeout=90)
     print(f"silent device: phase 2 decided at the timeout ({promoted4})")
 
+    # 4. The operator's commands, while phase 1 waits for its frozen device.
+    conf = str(s.source)
+    holder = next(d for d in fleet.devices if d.name == first)
+    hpid = holder.process.pid  # type: ignore[union-attr]
+    v5 = _register(
+        registry, run_id, s.model.dir, {k: v * np.float32(1.002) for k, v in good.items()}, 4
+    )
+    os.kill(hpid, signal.SIGSTOP)
+    try:
+        signer.release(v5)
+        shown = _cli("cloud", "rollout", "status", "--config", conf)
+        assert shown.returncode == 0, shown.stderr
+        assert f"version {v5} (round 4, served version {v4}): running, phase 1/2" in shown.stdout
+        halted = _cli("cloud", "rollout", "halt", str(v5), "--config", conf)
+        assert halted.returncode == 0 and "halted" in halted.stdout, halted.stderr
+        _wait_event(registry, v5, "rollout halted", timeout=10)
+        again = _cli("cloud", "rollout", "promote", str(v5), "--config", conf)
+        assert again.returncode == 1
+        assert f"version {v5} has no rollout in progress" in again.stderr
+        v6 = _register(
+            registry, run_id, s.model.dir, {k: v * np.float32(1.003) for k, v in good.items()}, 5
+        )
+        signer.release(v6)
+        promoted6 = _cli("cloud", "rollout", "promote", str(v6), "--config", conf)
+        assert promoted6.returncode == 0, promoted6.stderr
+        assert f"version {v6} promoted to the whole fleet" in promoted6.stdout
+    finally:
+        os.kill(hpid, signal.SIGCONT)
+    assert registry.current().version == v6  # type: ignore[union-attr]
+    detail = _wait_event(registry, v6, "rollout promoted", timeout=10)
+    assert detail["reason"] == "promoted by the operator"
+    wait_served(addresses, v6, timeout=90)
+    as_json = json.loads(_cli("cloud", "rollout", "status", "--json", "--config", conf).stdout)
+    assert [r["status"] for r in as_json["history"][-2:]] == ["halted", "promoted"]
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([EDGEFL, *argv], capture_output=True, text=True, timeout=120, check=False)
+
 
 def _wait_online(registry: Registry, names: set[str], timeout: float) -> None:
     deadline = time.monotonic() + timeout
@@ -243,7 +285,6 @@ def _wait_offline(registry: Registry, name: str, timeout: float) -> None:
             return
         time.sleep(0.3)
     raise AssertionError(f"{name} still online in the registry")
-
 
 
 def test_a_federated_run_under_a_staged_policy_reaches_every_device(
