@@ -5,7 +5,8 @@ strategy from ``flwr.serverapp.strategy`` round by round itself, instead of call
 ``Strategy.start``, because it needs things ``start`` does not offer:
 
 * **never hang**: a round waits at most ``wait_for_nodes_s`` for devices, samples only
-  devices that are connected, and gives up on replies after ``round_timeout_s``
+  devices that are connected (each device's current SuperNode, never a restarted
+  device's stale one: :mod:`cloud.sampling`), and gives up on replies after ``round_timeout_s``
   (Flower's own sampling waits forever for ``min_available_nodes``);
 * **resume**: a restarted cloud continues the unfinished run (same registry run id)
   from the newest version instead of starting over, releases that version first if
@@ -25,19 +26,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Strategy
 
 from cloud.config import CloudSettings
 from cloud.registry import ModelVersion, Registry
 from cloud.releases import Releaser, release_weights
+from cloud.sampling import DeviceNodes
 from cloud.signer import SignerError
 from edge.clientapp import arrays_to_record, record_to_arrays
 from edge.run_approval import APPROVAL_KEY, RunApproval, wait_for_approval
@@ -47,6 +50,11 @@ logger = logging.getLogger(__name__)
 
 #: Seconds to wait for devices to say who they are (QUERY messages).
 IDENTIFY_TIMEOUT_S = 20.0
+#: Seconds a suspect node (sampled, never answered) gets to answer the identify query
+#: once every other node has: a live device answers within a few; a dead one never.
+SUSPECT_ANSWER_S = 8.0
+#: Seconds between two pulls of the replies a round or an identify query waits for.
+REPLY_POLL_S = 1.0
 #: Registry run states a restarted cloud continues.
 RESUMABLE_STATUSES = ("running", "interrupted")
 #: Seconds to wait for the cloud supervisor's approval of this run (written right
@@ -110,26 +118,11 @@ class RoundOutcome:
     weights: dict[str, np.ndarray] | None = None
 
 
-def newest_nodes(
-    node_ids: Iterable[int], names: dict[int, str], named_at: dict[int, int], silent: set[int]
-) -> list[int]:
-    """The nodes worth sampling: each device's newest node, none that did not answer.
-
-    A device that restarted comes back as a new SuperNode while the SuperLink still lists
-    its old one as online for up to two missed heartbeats; sampling the old one makes the
-    round wait for its timeout. So of several nodes naming the same device (``names``)
-    only the one that named itself last (highest ``named_at``) is kept, and a node in
-    ``silent`` (it did not say who it is this round) sits the round out.
-    """
-    newest: dict[str, int] = {}
-    for node in node_ids:
-        if node in silent:
-            continue
-        name = names.get(node, f"node-{node}")
-        other = newest.get(name)
-        if other is None or named_at.get(node, 0) > named_at.get(other, 0):
-            newest[name] = node
-    return sorted(newest.values())
+def _sender_said_name(reply: Message) -> str | None:
+    """The device id a reply names (``device`` record), or None for an error or no name."""
+    if reply.has_error() or keys.DEVICE not in reply.content:
+        return None
+    return str(reply.content[keys.DEVICE].get(keys.DEVICE_ID, ""))
 
 
 class _OnlyNodes:
@@ -166,9 +159,9 @@ class Aggregator:
         self.flower_run_id = flower_run_id
         self.strategy = make_strategy(settings)
         self.evaluate = Evaluator(settings)
-        self.names: dict[int, str] = {}
-        #: When each node last said which device it is (a counter: higher is newer).
-        self._named_at: dict[int, int] = {}
+        #: Which SuperNode is which device, and which are stale or in doubt (#20.5).
+        self.nodes = DeviceNodes()
+        self._skipped: list[int] = []
         self.approval: RunApproval | None = None
 
     def _approve(self, message: Message) -> Message:
@@ -249,18 +242,65 @@ class Aggregator:
 
     # -- devices ---------------------------------------------------------------------------
 
-    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+    def _wait_for_devices(self, grid: Grid) -> tuple[list[int], list[int]]:
+        """(listed nodes, the current ones to sample from) for the next round.
+
+        Waits up to ``wait_for_nodes_s`` until ``min_nodes`` devices answer through a
+        current node: a restarted device's stale node, still listed, does not count.
+        """
         deadline = time.monotonic() + self.settings.run.wait_for_nodes_s
-        nodes = list(grid.get_node_ids())
-        while len(nodes) < self.settings.run.min_nodes and time.monotonic() < deadline:
-            time.sleep(1.0)
+        while True:
             nodes = list(grid.get_node_ids())
-        return nodes
+            current = self.current_nodes(nodes, self._identify(grid, nodes)) if nodes else []
+            if len(current) >= self.settings.run.min_nodes or time.monotonic() >= deadline:
+                return nodes, current
+            time.sleep(1.0)
+
+    def _exchange(
+        self,
+        grid: Grid,
+        messages: list[Message],
+        timeout: float,
+        *,
+        enough: Callable[[set[int]], bool] | None = None,
+    ) -> dict[int, Message]:
+        """Send ``messages`` and collect their replies, keyed by the node each was sent to.
+
+        Replies are attributed by the message they answer, not by their sender: the
+        SuperLink itself sends the "node unavailable" error for a node that went offline.
+        Waits until every message is answered, ``timeout`` passed, or ``enough(nodes
+        still waited for)`` says the rest does not matter; every reply's device name is
+        learned as it arrives.
+        """
+        targets = [m.metadata.dst_node_id for m in messages]
+        waiting = {
+            mid: node
+            for mid, node in zip(grid.push_messages(messages), targets, strict=True)
+            if mid
+        }
+        replies: dict[int, Message] = {}
+        deadline = time.monotonic() + timeout
+        while waiting:
+            for reply in grid.pull_messages(list(waiting)):
+                node = waiting.pop(reply.metadata.reply_to_message_id, None)
+                if node is not None:
+                    replies[node] = reply
+                    self._learn_name(node, reply)
+            if not waiting or (enough is not None and enough(set(waiting.values()))):
+                break
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(REPLY_POLL_S)
+        return replies
 
     def _identify(self, grid: Grid, node_ids: Iterable[int]) -> set[int]:
-        """Ask unnamed nodes which device they are; returns the nodes that did not answer."""
-        unknown = [n for n in node_ids if n not in self.names]
-        if not unknown:
+        """Ask new and suspect nodes which device they are; returns those that did not answer.
+
+        Stops waiting early once only suspects are left and each is superseded (its
+        device answered through a newer node) or had ``SUSPECT_ANSWER_S`` to answer.
+        """
+        ask = self.nodes.to_ask(node_ids)
+        if not ask:
             return set()
         messages = [
             self._approve(
@@ -270,33 +310,42 @@ class Aggregator:
                     dst_node_id=n,
                 )
             )
-            for n in unknown
+            for n in ask
         ]
-        for reply in grid.send_and_receive(messages, timeout=IDENTIFY_TIMEOUT_S):
-            self._learn_name(reply)
-        return {n for n in unknown if n not in self.names}
+        started = time.monotonic()
 
-    def _learn_name(self, reply: Message) -> str:
-        node = reply.metadata.src_node_id
-        if not reply.has_error() and keys.DEVICE in reply.content:
-            name = str(reply.content[keys.DEVICE].get(keys.DEVICE_ID, "")) or f"node-{node}"
-            self.names[node] = name
-            self._named_at[node] = len(self._named_at) + 1
+        def enough(waiting: set[int]) -> bool:
+            # Only suspects left: a restarted device's old identity is not waited for,
+            # nor, after a short grace, a node that went silent during the last round.
+            return all(self.nodes.suspect(n) for n in waiting) and (
+                all(self.nodes.superseded(n) for n in waiting)
+                or time.monotonic() - started >= SUSPECT_ANSWER_S
+            )
+
+        replies = self._exchange(grid, messages, IDENTIFY_TIMEOUT_S, enough=enough)
+        return {n for n in ask if n not in replies or _sender_said_name(replies[n]) is None}
+
+    def _learn_name(self, node: int, reply: Message) -> str:
+        device = _sender_said_name(reply)
+        if device is not None:
+            self.nodes.learn(node, device or f"node-{node}")
         return self.name(node)
 
     def current_nodes(self, node_ids: Iterable[int], silent: set[int]) -> list[int]:
-        keep = newest_nodes(node_ids, self.names, self._named_at, silent)
+        node_ids = list(node_ids)
+        keep = self.nodes.current(node_ids, silent)
         skipped = sorted(set(node_ids) - set(keep))
-        if skipped:
+        if skipped and skipped != self._skipped:
             logger.info(
                 "not sampling %d stale or silent node(s): %s",
                 len(skipped),
                 ", ".join(f"{n} ({self.name(n)})" for n in skipped),
             )
+        self._skipped = skipped
         return keep
 
     def name(self, node_id: int) -> str:
-        return self.names.get(node_id, f"node-{node_id}")
+        return self.nodes.name(node_id)
 
     # -- rounds ----------------------------------------------------------------------------
 
@@ -327,18 +376,19 @@ class Aggregator:
         self, grid: Grid, run_id: int, rnd: int, weights: dict[str, np.ndarray], parent: int | None
     ) -> RoundOutcome:
         run = self.settings.run
-        nodes = self._wait_for_nodes(grid)
-        if not nodes:
+        nodes, current = self._wait_for_devices(grid)
+        if not current:
             logger.warning(
-                "round %d: no device connected after %.0fs; skipping", rnd, run.wait_for_nodes_s
+                "round %d: no device %s after %.0fs; skipping",
+                rnd,
+                "answered" if nodes else "connected",
+                run.wait_for_nodes_s,
             )
             self.registry.round_started(run_id, rnd, sampled=[])
             self.registry.round_finished(
                 run_id, rnd, aggregated_metrics={}, version=None, dropped=[]
             )
             return RoundOutcome(rnd, None, [], [], {})
-        silent = self._identify(grid, nodes)
-        current = self.current_nodes(nodes, silent) or nodes
         # Sample only among connected devices, never waiting for more than are there.
         self.strategy.min_train_nodes = min(run.min_nodes, len(current))  # type: ignore[attr-defined]
         self.strategy.min_available_nodes = min(run.min_nodes, len(current))  # type: ignore[attr-defined]
@@ -366,10 +416,14 @@ class Aggregator:
             len(current),
         )
 
-        replies = list(grid.send_and_receive(messages, timeout=run.round_timeout_s))
+        replies = self._exchange(grid, messages, run.round_timeout_s)
         good: list[Message] = []
-        for reply in replies:
-            device = self._learn_name(reply)
+        alive: set[int] = set()
+        for node, reply in replies.items():
+            device = self.name(node)
+            if reply.has_error() and reply.metadata.src_node_id == SUPERLINK_NODE_ID:
+                continue  # "node unavailable": the device never answered (dropped)
+            alive.add(node)
             if reply.has_error():
                 self.registry.round_reply(
                     run_id, rnd, device, ok=False, error=str(reply.error.reason)[:500]
@@ -386,12 +440,13 @@ class Aggregator:
                 run_id, rnd, device, ok=True, num_examples=num_examples, metrics=metrics
             )
             good.append(reply)
-        answered = {r.metadata.src_node_id for r in replies}
-        dropped = sorted(self.name(n) for n in sampled - answered)
-        replied = sorted(self.name(r.metadata.src_node_id) for r in good)
+        self.nodes.round_done(sampled, alive)
+        # No sign of life: no reply at all, or the SuperLink's "node unavailable".
+        dropped = sorted(self.name(n) for n in sampled - alive)
+        replied = sorted(self.name(n) for n, r in replies.items() if not r.has_error())
         if dropped:
             logger.warning(
-                "round %d: no reply within %.0fs from %s",
+                "round %d: no reply within %.0fs (or node unavailable) from %s",
                 rnd,
                 run.round_timeout_s,
                 ", ".join(dropped),

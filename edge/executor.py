@@ -198,6 +198,19 @@ class TaskExecutor:
             self._thread.join(timeout=timeout)
         self._worker.shutdown(wait=False, cancel_futures=True)
 
+    def abandon_task(self, why: str) -> bool:
+        """Cancel the running task, if any, because its SuperNode is gone (``why``).
+
+        Its reply could never be delivered (a restarted SuperNode does not know the old
+        task), and a device that keeps training for it cannot answer the new
+        SuperNode's first messages in time. Returns whether a task was running.
+        """
+        if not self._busy.is_set():
+            return False
+        logger.warning("abandoning the running task: %s", why)
+        self._cancel.set()
+        return True
+
     # -- the loop -------------------------------------------------------------------------
 
     def _acquire_client(self) -> RuntimeHttpClient:

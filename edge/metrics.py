@@ -22,6 +22,7 @@ names (every one starts with ``edgefl_device_``, plus the client's standard
     edgefl_device_training_duration_seconds                          histogram (one per Fit)
     edgefl_device_training_rounds_total                              counter
     edgefl_device_local_samples                                      gauge
+    edgefl_device_training                                           gauge (1 while a Fit runs)
     edgefl_device_serving_version                                    gauge
     process_resident_memory_bytes, process_cpu_seconds_total ...     (Linux /proc)
 """
@@ -79,6 +80,7 @@ class DeviceMetrics:
         *,
         local_samples: Callable[[], int] = lambda: 0,
         serving_version: Callable[[], int] = lambda: 0,
+        training: Callable[[], bool] = lambda: False,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
@@ -126,6 +128,12 @@ class DeviceMetrics:
             registry=self.registry,
         )
         samples.set_function(lambda: float(local_samples()))
+        busy = Gauge(
+            "edgefl_device_training",
+            "1 while a local training (Fit) runs on this device, else 0.",
+            registry=self.registry,
+        )
+        busy.set_function(lambda: 1.0 if training() else 0.0)
         version = Gauge(
             "edgefl_device_serving_version",
             "Model version being served (0 when none).",

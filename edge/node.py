@@ -60,7 +60,9 @@ class EdgeNode:
         )
         self.serving.add_listener(self._on_swap)
         self.metrics = DeviceMetrics(
-            local_samples=lambda: len(self.data), serving_version=self.serving_version
+            local_samples=lambda: len(self.data),
+            serving_version=self.serving_version,
+            training=lambda: self.trainer.busy,
         )
         self._install_lock = threading.Lock()
         self._updating = False

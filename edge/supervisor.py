@@ -16,7 +16,8 @@ the device's tasks. The SuperNode gets SIGTERM from the kernel if this process d
 even by SIGKILL (``PR_SET_PDEATHSIG``), so systemd's restart finds no orphan.
 
 A SuperNode that exits is restarted with backoff (at most ``MAX_RESTARTS`` times within
-``RESTART_WINDOW_S``, then ``edge up`` exits 1 and systemd restarts the device).
+``RESTART_WINDOW_S``, then ``edge up`` exits 1 and systemd restarts the device); a task
+it had handed to the executor is cancelled first, as its reply could never be delivered.
 SIGTERM/SIGINT stop the executor (a running task is cancelled and answered with an
 error), the SuperNode (by PID) and the services, in that order.
 """
@@ -204,6 +205,10 @@ class DeviceSupervisor:
                 node.process.returncode(),
                 node.process.log_tail(10),
             )
+            if self.executor is not None:
+                # The dead SuperNode's task can never be answered: free the Trainer for
+                # the new SuperNode's first messages instead of finishing it.
+                self.executor.abandon_task("its SuperNode exited")
             if not self._may_restart("SuperNode"):
                 return 1
             try:

@@ -103,6 +103,7 @@ def test_edge_serve_counts_inference_training_and_samples(
     assert m.value("edgefl_device_last_training_round") == 2
     assert m.value("edgefl_device_local_samples") == 40
     assert m.value("edgefl_device_serving_version") == 1
+    assert m.value("edgefl_device_training") == 0  # after the Fit, none runs
     # No MQTT agent here: every release outcome is present, at zero.
     assert m.labelled("edgefl_device_releases_total", "outcome") == {
         "release_installed": 0,
