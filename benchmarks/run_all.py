@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, str] = {
     "rounds": "benchmarks.bench_rounds",
     "device": "benchmarks.bench_device",
     "telemetry": "benchmarks.bench_telemetry",
+    "rollout": "benchmarks.bench_rollout",
 }
 """Output name → module; each module writes ``<out>/<name>.json``."""
 
