@@ -37,6 +37,7 @@ Errors::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -208,25 +209,16 @@ class RoundRecord:
 
 
 @dataclass(frozen=True)
-class Device:
-    """The latest status a device reported, plus when the cloud received it."""
+class Device(DeviceStatus):
+    """The latest status a device reported, plus when the cloud received it.
 
-    device_id: str
-    fleet: str
-    serving_version: int
-    state: str
-    timestamp_ms: int
-    received_at: float
-    last_round_trained: int
-    sample_count: int
-    cpu_percent: float
-    rss_bytes: int
-    disk_free_bytes: int
-    memory_available_bytes: int
-    profile: str
-    last_error: str
-    last_metrics: dict[str, float]
-    edgefl_version: str
+    Its fields are :class:`~protos.codec.DeviceStatus`'s (the one definition of a
+    status) and ``received_at``; the ``devices`` row and the API view are built from
+    them (:data:`_STATUS_COLUMNS`, :func:`cloud.web.schemas.device_out`).
+    """
+
+    received_at: float = 0.0
+    """When the cloud stored the status (seconds since the Unix epoch)."""
 
     @property
     def online(self) -> bool:
@@ -1190,23 +1182,13 @@ def _check_status(status: DeviceStatus, now_ms: int) -> dict[str, float]:
     return _metrics(status.last_metrics, what=f"status of {status.device_id}")
 
 
+_STATUS_FIELDS = tuple(f.name for f in dataclasses.fields(DeviceStatus))
+"""A status's fields, each a ``devices`` column of the same name except ``last_metrics``
+(stored as JSON in ``last_metrics_json``)."""
 _STATUS_COLUMNS = (
-    "device_id",
-    "fleet",
-    "serving_version",
-    "state",
-    "timestamp_ms",
-    "received_at",
-    "last_round_trained",
-    "sample_count",
-    "cpu_percent",
-    "rss_bytes",
-    "disk_free_bytes",
-    "memory_available_bytes",
-    "profile",
-    "last_error",
+    *(name for name in _STATUS_FIELDS if name != "last_metrics"),
     "last_metrics_json",
-    "edgefl_version",
+    "received_at",
 )
 """The ``devices`` columns a status writes."""
 
@@ -1215,24 +1197,11 @@ def _status_values(
     status: DeviceStatus, last_metrics: dict[str, float], now: float, now_ms: int
 ) -> dict[str, Any]:
     """The ``devices`` row a checked status becomes (its timestamp at most ``now_ms``)."""
-    return {
-        "device_id": status.device_id,
-        "fleet": status.fleet,
-        "serving_version": status.serving_version,
-        "state": status.state,
-        "timestamp_ms": min(status.timestamp_ms, now_ms),
-        "received_at": now,
-        "last_round_trained": status.last_round_trained,
-        "sample_count": status.sample_count,
-        "cpu_percent": status.cpu_percent,
-        "rss_bytes": status.rss_bytes,
-        "disk_free_bytes": status.disk_free_bytes,
-        "memory_available_bytes": status.memory_available_bytes,
-        "profile": status.profile,
-        "last_error": status.last_error,
-        "last_metrics_json": _dumps(last_metrics),
-        "edgefl_version": status.edgefl_version,
-    }
+    values = {name: getattr(status, name) for name in _STATUS_FIELDS if name != "last_metrics"}
+    values["timestamp_ms"] = min(status.timestamp_ms, now_ms)
+    values["last_metrics_json"] = _dumps(last_metrics)
+    values["received_at"] = now
+    return values
 
 
 def _apply_rows(session: Session, values_list: list[dict[str, Any]], frozen_above_ms: int) -> int:
@@ -1271,21 +1240,7 @@ def _run(row: RunRow) -> Run:
 
 
 def _device(row: DeviceRow) -> Device:
+    values = {name: getattr(row, name) for name in _STATUS_FIELDS if name != "last_metrics"}
     return Device(
-        device_id=row.device_id,
-        fleet=row.fleet,
-        serving_version=row.serving_version,
-        state=row.state,
-        timestamp_ms=row.timestamp_ms,
-        received_at=row.received_at,
-        last_round_trained=row.last_round_trained,
-        sample_count=row.sample_count,
-        cpu_percent=row.cpu_percent,
-        rss_bytes=row.rss_bytes,
-        disk_free_bytes=row.disk_free_bytes,
-        memory_available_bytes=row.memory_available_bytes,
-        profile=row.profile,
-        last_error=row.last_error,
-        last_metrics=json.loads(row.last_metrics_json),
-        edgefl_version=row.edgefl_version,
+        **values, last_metrics=json.loads(row.last_metrics_json), received_at=row.received_at
     )

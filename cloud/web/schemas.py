@@ -1,15 +1,18 @@
 """Response models of the JSON API (they make the OpenAPI document precise).
 
 Each model mirrors a registry dataclass; the ``*_out`` functions convert. The web
-layer adds only derived values (``online``, round progress, spread per version).
+layer adds only derived values (``online``, round progress, spread per version, typed
+metric fields named in :mod:`protos.wire_keys`). :class:`DeviceOut` is built from the
+status record's fields, so a new status field reaches the API without a copy here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any
 
-from pydantic import BaseModel, Field, computed_field
+from pydantic import BaseModel, Field, computed_field, create_model
 
 from cloud.registry import Device, Event, ModelVersion, RoundRecord, Run, Serving, Spread
 from protos import wire_keys as keys
@@ -120,27 +123,29 @@ class RoundsOut(BaseModel):
     rounds: list[RoundOut]
 
 
-class DeviceOut(BaseModel):
-    device_id: str
-    fleet: str
+_DEVICE_DESCRIPTIONS = {
+    "state": "What the device last reported: SERVING, TRAINING, UPDATING, DEGRADED or "
+    "OFFLINE (DeviceState in docs/reference.md).",
+    "received_at": "When the cloud stored the status (seconds since the Unix epoch).",
+}
+
+
+def _device_fields() -> dict[str, Any]:
+    """DeviceOut's fields: those of :class:`cloud.registry.Device` (a DeviceStatus), whose
+    ``timestamp_ms`` the API calls ``last_seen_ms``."""
+    hints = typing.get_type_hints(Device)
+    return {
+        f.name: (hints[f.name], Field(description=_DEVICE_DESCRIPTIONS.get(f.name)))
+        for f in dataclasses.fields(Device)
+        if f.name != "timestamp_ms"
+    }
+
+
+class DeviceOut(create_model("DeviceFields", **_device_fields())):  # type: ignore[misc]
+    """A device's latest status: every field of the status record, plus derived ones."""
+
     online: bool = Field(description="False when the last status is OFFLINE.")
-    state: str = Field(
-        description="What the device last reported: SERVING, TRAINING, UPDATING, DEGRADED or "
-        "OFFLINE (DeviceState in docs/reference.md)."
-    )
-    serving_version: int
     last_seen_ms: int = Field(description="Timestamp of the device's last status (ms).")
-    received_at: float
-    last_round_trained: int
-    sample_count: int
-    cpu_percent: float
-    rss_bytes: int
-    disk_free_bytes: int
-    memory_available_bytes: int
-    profile: str
-    last_error: str
-    last_metrics: dict[str, float]
-    edgefl_version: str
     unknown_version: bool = Field(
         default=False,
         description="The device serves a version the registry does not know (an alert).",
@@ -230,15 +235,6 @@ def run_out(run: Run) -> RunOut:
 
 def serving_out(serving: Serving | None) -> ServingOut | None:
     return None if serving is None else ServingOut.model_validate(serving, from_attributes=True)
-
-
-def spread_from_devices(version: int, devices: list[Device]) -> SpreadOut:
-    online = [d for d in devices if d.online]
-    return SpreadOut(
-        serving=sum(1 for d in online if d.serving_version == version),
-        online=len(online),
-        total=len(devices),
-    )
 
 
 def version_out(v: ModelVersion, spread: Spread) -> VersionOut:
