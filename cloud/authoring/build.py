@@ -133,7 +133,7 @@ def build_model(
     missing = {"infer", "train", "parameters", "restore"} - set(report.signatures)
     if missing:
         raise BuildError(f"converted model lacks signatures: {', '.join(sorted(missing))}")
-    weights = tuple(WeightSpec(s.name, s.dtype, tuple(s.shape)) for s in model.specs)
+    weights = tuple(model.specs)
     card = ModelCard(
         architecture_id=architecture_id(arch, shape, classes, train_batch, weights),
         arch=arch,

@@ -22,24 +22,21 @@ import abc
 import itertools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
+
+from edge.model_card import WeightSpec
 
 logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("mlp", "cnn")
 
 
-@dataclass(frozen=True)
-class WeightSpec:
-    """Name, shape and dtype of one trainable weight."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str = "float32"
+def _float32(name: str, shape: tuple[int, ...]) -> WeightSpec:
+    """The spec of one trainable float32 weight (the card's record, edge.model_card)."""
+    return WeightSpec(name, "float32", shape)
 
 
 def _glorot(
@@ -193,8 +190,8 @@ class MLP(TrainableModel):
     def weight_specs(self) -> list[WeightSpec]:
         specs: list[WeightSpec] = []
         for i, (n_in, n_out) in enumerate(self._layer_sizes()):
-            specs.append(WeightSpec(f"dense{i}_kernel", (n_in, n_out)))
-            specs.append(WeightSpec(f"dense{i}_bias", (n_out,)))
+            specs.append(_float32(f"dense{i}_kernel", (n_in, n_out)))
+            specs.append(_float32(f"dense{i}_bias", (n_out,)))
         return specs
 
     def initial_values(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -254,12 +251,12 @@ class CNN(TrainableModel):
     def weight_specs(self) -> list[WeightSpec]:
         k, channels = self.kernel_size, self.input_shape[2]
         return [
-            WeightSpec("conv0_kernel", (k, k, channels, self.filters)),
-            WeightSpec("conv0_bias", (self.filters,)),
-            WeightSpec("dense0_kernel", (self._flat, self.hidden)),
-            WeightSpec("dense0_bias", (self.hidden,)),
-            WeightSpec("dense1_kernel", (self.hidden, self.classes)),
-            WeightSpec("dense1_bias", (self.classes,)),
+            _float32("conv0_kernel", (k, k, channels, self.filters)),
+            _float32("conv0_bias", (self.filters,)),
+            _float32("dense0_kernel", (self._flat, self.hidden)),
+            _float32("dense0_bias", (self.hidden,)),
+            _float32("dense1_kernel", (self.hidden, self.classes)),
+            _float32("dense1_bias", (self.classes,)),
         ]
 
     def initial_values(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
