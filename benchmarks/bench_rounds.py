@@ -94,25 +94,11 @@ def _wait_nodes(superlink: Any, count: int, timeout: float = NODES_TIMEOUT_S) ->
 
 def _submit(superlink: Any, app_dir: Path, run_config: str) -> str:
     """``flwr run app_dir edgefl --run-config ...``; returns Flower's run id."""
-    res = superlink.flwr(
-        "run", str(app_dir), "edgefl", "--run-config", run_config, "--format", "json", timeout=120
-    )
-    try:
-        doc = json.loads(res.stdout)
-    except ValueError as exc:
-        raise RuntimeError(f"flwr run: {res.stdout[-800:]} {res.stderr[-800:]}") from exc
-    if not doc.get("success"):
-        raise RuntimeError(f"flwr run failed: {doc.get('error-message', doc)}")
-    return str(doc["run-id"])
+    return str(superlink.submit(app_dir, run_config))
 
 
 def _flower_status(superlink: Any, run_id: str) -> str:
-    res = superlink.flwr("list", "--run-id", run_id, "edgefl", "--format", "json")
-    try:
-        runs = json.loads(res.stdout).get("runs", [])
-    except ValueError:
-        return "unknown"
-    return str(runs[0].get("status", "unknown")) if runs else "unknown"
+    return str(superlink.run_status(run_id))
 
 
 def _wait_flower_finished(superlink: Any, run_id: str, timeout: float) -> str:

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import secrets
-import subprocess
 import sys
 import threading
 import time
@@ -527,24 +525,9 @@ class CloudStack:
         run_config = f'cloud-config="{self.runtime_path}"'
         if self.num_rounds:
             run_config += f" num-rounds={self.num_rounds}"
-        res = self.superlink.flwr(
-            "run",
-            str(app_dir or APP_DIR),
-            "edgefl",
-            "--run-config",
-            run_config,
-            "--format",
-            "json",
-            timeout=120,
-        )
-        try:
-            doc = json.loads(res.stdout)
-        except ValueError as exc:
-            raise StackError(f"flwr run failed: {res.stdout[-800:]} {res.stderr[-800:]}") from exc
-        if not doc.get("success"):
-            raise StackError(f"flwr run failed: {doc.get('error-message', doc)}")
+        run_id = self.superlink.submit(app_dir or APP_DIR, run_config)
         with self._lock:
-            self.flower_run_id = str(doc.get("run-id"))
+            self.flower_run_id = run_id
             self.run_active = True
         self._approve_run(int(self.flower_run_id))
         logger.info("submitted Flower run %s", self.flower_run_id)
@@ -569,27 +552,17 @@ class CloudStack:
         """Flower's status of the submitted run: pending, starting, running, finished:…"""
         if self.superlink is None or self.flower_run_id is None:
             return "none"
-        try:
-            res = self.superlink.flwr(
-                "list", "--run-id", self.flower_run_id, "edgefl", "--format", "json"
-            )
-        except subprocess.TimeoutExpired:
-            # A loaded host can make one `flwr list` slow; the caller asks again.
-            logger.warning("flwr list of run %s timed out", self.flower_run_id)
-            return "unknown"
-        try:
-            doc = json.loads(res.stdout)
-            runs = doc.get("runs", [])
-            return str(runs[0].get("status", "unknown")) if runs else "unknown"
-        except (ValueError, AttributeError, IndexError):
-            return "unknown"
+        return self.superlink.run_status(self.flower_run_id)
 
     def stop_run(self) -> None:
         """Stop the run; the registry marks it ``stopped``, so no later `cloud up` resumes it."""
         with self._lock:
             self.run_active = False
         if self.superlink is not None and self.flower_run_id is not None:
-            self.superlink.flwr("stop", self.flower_run_id, "edgefl", "--format", "json")
+            try:
+                self.superlink.stop_run(self.flower_run_id)
+            except FlowerError as exc:  # already finished, or the SuperLink is away
+                logger.warning("flwr stop of run %s: %s", self.flower_run_id, exc)
         if self.registry is not None:
             run = self.registry.latest_run()
             if run is not None and run.status in ("running", "interrupted"):

@@ -630,12 +630,4 @@ def running_superlink(sf: SecureFleet, *, host: str = "127.0.0.1") -> Any | None
 
 def unregister_supernode(link: Any, node_id: str) -> None:
     """``flwr supernode unregister NODE_ID``: the SuperLink refuses that key from now on."""
-    from edge.flower_node import FlowerError
-
-    res = link.flwr("supernode", "unregister", str(node_id), "edgefl", "--format", "json")
-    try:
-        doc = json.loads(res.stdout)
-    except ValueError as exc:
-        raise FlowerError(f"flwr supernode unregister: {res.stdout} {res.stderr}") from exc
-    if not doc.get("success"):
-        raise FlowerError(f"flwr supernode unregister failed: {doc.get('error-message', doc)}")
+    link.unregister_supernode(node_id)

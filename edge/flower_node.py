@@ -17,6 +17,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from edge.errors import EdgeError
 from edge.process import ManagedProcess, ProcessError, connect_host, free_port, tool_env
@@ -154,32 +155,67 @@ class SuperLink:
             env=tool_env(self.env()),
         )
 
-    def nodes(self) -> list[dict[str, object]]:
-        """The SuperNodes the SuperLink knows, as ``flwr supernode list`` reports them."""
-        res = self.flwr("supernode", "list", "edgefl", "--format", "json")
+    def flwr_json(self, *args: str, timeout: float = 60.0) -> dict[str, Any]:
+        """``flwr ARGS --format json`` against this SuperLink: the document it printed.
+
+        The one wrapper of Flower's JSON CLI: raises :class:`FlowerError` when the call
+        times out, prints no JSON object, or reports ``"success": false`` (with Flower's
+        ``error-message``).
+        """
+        what = f"flwr {' '.join(args[:2])}"
+        try:
+            res = self.flwr(*args, "--format", "json", timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise FlowerError(f"{what}: no answer within {timeout:.0f} s") from exc
         try:
             doc = json.loads(res.stdout)
         except ValueError as exc:
-            raise FlowerError(
-                f"flwr supernode list: {res.stdout[-500:]} {res.stderr[-500:]}"
-            ) from exc
+            raise FlowerError(f"{what}: {res.stdout[-800:]} {res.stderr[-800:]}") from exc
+        if not isinstance(doc, dict):
+            raise FlowerError(f"{what}: unexpected output {res.stdout[-800:]}")
         if not doc.get("success"):
-            raise FlowerError(f"flwr supernode list failed: {doc.get('error-message', doc)}")
-        return list(doc.get("nodes", []))
+            raise FlowerError(f"{what} failed: {doc.get('error-message', doc)}")
+        return doc
+
+    def nodes(self) -> list[dict[str, object]]:
+        """The SuperNodes the SuperLink knows, as ``flwr supernode list`` reports them."""
+        return list(self.flwr_json("supernode", "list", "edgefl").get("nodes", []))
 
     def online_node_ids(self) -> list[str]:
         return [str(n["node-id"]) for n in self.nodes() if n.get("status") == "online"]
 
     def register_supernode(self, public_key: Path) -> str:
         """``flwr supernode register``: allow a SuperNode key (needs node auth enabled)."""
-        res = self.flwr("supernode", "register", str(public_key), "edgefl", "--format", "json")
-        try:
-            doc = json.loads(res.stdout)
-        except ValueError as exc:
-            raise FlowerError(f"flwr supernode register: {res.stdout} {res.stderr}") from exc
-        if not doc.get("success"):
-            raise FlowerError(f"flwr supernode register failed: {doc.get('error-message', doc)}")
+        doc = self.flwr_json("supernode", "register", str(public_key), "edgefl")
         return str(doc.get("node-id", ""))
+
+    def unregister_supernode(self, node_id: str) -> None:
+        """``flwr supernode unregister``: the SuperLink refuses that key from now on."""
+        self.flwr_json("supernode", "unregister", str(node_id), "edgefl")
+
+    def submit(self, app_dir: Path, run_config: str, *, timeout: float = 120.0) -> str:
+        """``flwr run app_dir edgefl --run-config …``; returns Flower's run id."""
+        doc = self.flwr_json(
+            "run", str(app_dir), "edgefl", "--run-config", run_config, timeout=timeout
+        )
+        return str(doc.get("run-id"))
+
+    def run_status(self, run_id: str) -> str:
+        """Flower's status of run ``run_id`` (pending, starting, running, finished:…).
+
+        ``unknown`` when ``flwr list`` fails or does not list the run (a loaded host can
+        make one call slow; callers ask again).
+        """
+        try:
+            runs = self.flwr_json("list", "--run-id", run_id, "edgefl").get("runs", [])
+            return str(runs[0].get("status", "unknown")) if runs else "unknown"
+        except (FlowerError, AttributeError, IndexError, TypeError) as exc:
+            logger.warning("status of Flower run %s unknown: %s", run_id, exc)
+            return "unknown"
+
+    def stop_run(self, run_id: str) -> None:
+        """``flwr stop run_id``."""
+        self.flwr_json("stop", run_id, "edgefl")
 
     def __enter__(self) -> SuperLink:
         return self.start()
