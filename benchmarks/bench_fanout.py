@@ -591,7 +591,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, help="device worker processes per fleet")
     parser.add_argument("--reps", type=int, help="releases measured per fleet size")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    from edge.logging_config import configure_logging
+
+    configure_logging()
     if args.worker:
         return worker(args)
     base = QUICK if args.quick else FULL

@@ -557,7 +557,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--db", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    from edge.logging_config import configure_logging
+
+    configure_logging()
     if args.worker == "devices":
         return device_worker(args)
     if args.worker == "cloud":

@@ -18,7 +18,6 @@ import dataclasses
 import datetime
 import importlib.metadata
 import json
-import logging
 import math
 import os
 import platform
@@ -343,7 +342,9 @@ def benchmark_main(
 ) -> int:
     """The ``main`` of a benchmark module: parse ``--quick``/``--out``, run, print the table."""
     args = arg_parser(description).parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    from edge.logging_config import configure_logging
+
+    configure_logging()
     print(run(args.quick, args.out).markdown())
     return 0
 

@@ -9,3 +9,14 @@ or look up a distribution by that name.
 #: command stays ``edgefl`` and the import packages stay ``edge``, ``cloud``,
 #: ``protos`` and ``devices``.
 DIST_NAME = "edgefl-fleet"
+
+
+def version() -> str:
+    """The installed distribution's version (``0+unknown`` when run from a source tree)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version(DIST_NAME)
+    except PackageNotFoundError:
+        return "0+unknown"

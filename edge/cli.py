@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -31,15 +29,10 @@ COMMAND_MODULES = {
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
+    """The installed edgefl's version (``edge.version``)."""
+    from edge import version as edge_version
 
-    from edge import DIST_NAME
-
-    try:
-        return dist_version(DIST_NAME)
-    except PackageNotFoundError:
-        return "0+unknown"
+    return edge_version()
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -67,20 +60,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    if verbosity == 0:
-        # TensorFlow's and absl's start-up lines (CPU features, SavedModel loading, ...) are
-        # noise to an operator; -v shows them. Set before anything imports TensorFlow, and
-        # inherited by the children we start.
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
-        logging.getLogger("absl").setLevel(logging.ERROR)
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-
-
 def _raise_interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -90,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command)
     args = parser.parse_args(argv)
+    from edge.logging_config import configure_logging
+
     configure_logging(args.verbose)
     # SIGTERM (systemd, kill, CI) unwinds like Ctrl-C so that every `finally` runs and
     # the children we started are stopped by PID.

@@ -53,7 +53,7 @@ import numpy as np
 from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 
-from edge.cli import version as edgefl_version
+from edge import version as edgefl_version
 from edge.errors import InvalidInput, ModelNotFound
 from edge.grpc_status import abort
 from edge.model_card import ModelCard

@@ -264,7 +264,7 @@ class EdgeNode:
             disk_free = psutil.disk_usage(str(self.store.root)).free
         except OSError:
             disk_free = 0
-        from edge.cli import version as edgefl_version
+        from edge import version as edgefl_version
 
         return codec.DeviceStatus(
             device_id=self.settings.device.id,

@@ -419,14 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_serve_arguments(parser)
     parser.add_argument("-v", "--verbose", action="count", default=0)
     args = parser.parse_args(argv)
-    level = (
-        logging.WARNING
-        if args.verbose == 0
-        else logging.INFO
-        if args.verbose == 1
-        else logging.DEBUG
-    )
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from edge.logging_config import configure_logging
+
+    configure_logging(args.verbose)
     return run_serve(args)
 
 

@@ -212,7 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_build_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    from edge.logging_config import configure_logging
+
+    configure_logging()
     return run_build(args)
 
 
