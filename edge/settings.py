@@ -141,9 +141,7 @@ def _expand(text: str, where: str) -> tuple[Path | None, str | None]:
         return None, f"{where}: cannot expand ~ in {text!r} (no such user or no home directory)"
 
 
-def _from_toml(
-    value: Any, kind: type, where: str, base_dir: Path | None
-) -> tuple[Any, str | None]:
+def _from_toml(value: Any, kind: type, where: str, base_dir: Path | None) -> tuple[Any, str | None]:
     """A TOML value checked against (and converted to) the key's type: (value, problem)."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value), None
@@ -181,6 +179,18 @@ def _from_env(text: str, kind: type, nullable: bool, where: str) -> tuple[Any, s
         return float(text), None
     except ValueError:
         return None, f"{where}: {text!r} is not a valid {kind.__name__}"
+
+
+_Convert = Callable[[type, bool, str], tuple[Any, str | None]]
+"""(key type, None allowed, where) → (value, problem): one given value's conversion."""
+
+
+def _toml_converter(raw: Any, base_dir: Path | None) -> _Convert:
+    return lambda kind, _nullable, where: _from_toml(raw, kind, where, base_dir)
+
+
+def _env_converter(text: str) -> _Convert:
+    return lambda kind, nullable, where: _from_env(text, kind, nullable, where)
 
 
 class Schema(Generic[S]):
@@ -266,26 +276,28 @@ class Schema(Generic[S]):
             if section.optional and table is None and name not in overrides:
                 built[name] = None
                 continue
-            keys = ", ".join(section.types)
+            # (key, where it came from, what an unknown-key problem adds, its conversion)
+            given_here: list[tuple[str, str, str, _Convert]] = [
+                (key, f"[{name}] {key}", "", _toml_converter(raw, file_base))
+                for key, raw in (table or {}).items()
+            ]
+            given_here += [
+                (
+                    key,
+                    f"environment {ENV_PREFIX}{name.upper()}_{key.upper()}",
+                    f" {key!r} in [{name}]",
+                    _env_converter(text),
+                )
+                for key, text in overrides.get(name, {}).items()
+            ]
             values: dict[str, Any] = {}
-            for key, raw in (table or {}).items():
-                where = f"[{name}] {key}"
+            for key, where, which, convert in given_here:
                 if key not in section.types:
-                    problems.append(f"{where}: unknown key (known: {keys})")
+                    known = ", ".join(section.types)
+                    problems.append(f"{where}: unknown key{which} (known: {known})")
                     continue
                 kind, nullable = section.types[key]
-                value, problem = _from_toml(raw, kind, where, file_base)
-                if problem:
-                    problems.append(problem)
-                else:
-                    values[key] = value
-            for key, text in overrides.get(name, {}).items():
-                where = f"environment {ENV_PREFIX}{name.upper()}_{key.upper()}"
-                if key not in section.types:
-                    problems.append(f"{where}: unknown key {key!r} in [{name}] (known: {keys})")
-                    continue
-                kind, nullable = section.types[key]
-                value, problem = _from_env(text, kind, nullable, where)
+                value, problem = convert(kind, nullable, where)
                 if problem:
                     problems.append(problem)
                 else:
@@ -300,9 +312,7 @@ class Schema(Generic[S]):
             raise self.error(problems)
         return settings
 
-    def _overrides(
-        self, env: Mapping[str, str], problems: list[str]
-    ) -> dict[str, dict[str, str]]:
+    def _overrides(self, env: Mapping[str, str], problems: list[str]) -> dict[str, dict[str, str]]:
         out: dict[str, dict[str, str]] = {}
         for name, value in env.items():
             if not name.startswith(ENV_PREFIX):

@@ -21,36 +21,30 @@ def test_no_module_but_logging_config_configures_handlers() -> None:
     assert offenders == []
 
 
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from edge.logging_config import configure_logging\n" + code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
+    )
+
+
 def test_configure_logging_levels_and_quiet_tensorflow() -> None:
-    code = (
+    res = _python(
         "import logging, os\n"
-        "from edge.logging_config import configure_logging\n"
         "configure_logging(1)\n"
         "assert logging.getLogger().level == logging.INFO\n"
         "assert 'TF_CPP_MIN_LOG_LEVEL' not in os.environ\n"
         "logging.getLogger('edge.x').info('hello %s', 'there')\n"
     )
-    res = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
-    )
     assert res.returncode == 0, res.stderr
     assert " INFO edge.x: hello there" in res.stderr and res.stdout == ""
-    code = (
+    res = _python(
         "import logging, os\n"
-        "from edge.logging_config import configure_logging\n"
         "configure_logging(0)\n"
         "assert logging.getLogger().level == logging.WARNING\n"
         "assert os.environ['TF_CPP_MIN_LOG_LEVEL'] == '3'\n"
-    )
-    res = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
     )
     assert res.returncode == 0, res.stderr

@@ -81,7 +81,41 @@ class ReplyOut(BaseModel):
         return self.metrics.get(keys.TRAIN_ACCURACY)
 
 
-class RoundOut(BaseModel):
+class RoundMetricsFields(BaseModel):
+    """Typed fields over a round's two metric records (names from protos.wire_keys).
+
+    A subclass says which of its fields holds the devices' aggregated training metrics
+    and which the cloud's evaluation; the UI reads these fields, never metric names.
+    """
+
+    def _training(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _evaluation(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    @computed_field(description="Training loss aggregated over the round's replies.")  # type: ignore[prop-decorator]
+    @property
+    def train_loss(self) -> float | None:
+        return self._training().get(keys.TRAIN_LOSS)
+
+    @computed_field(description="Training accuracy aggregated over the round's replies.")  # type: ignore[prop-decorator]
+    @property
+    def train_accuracy(self) -> float | None:
+        return self._training().get(keys.TRAIN_ACCURACY)
+
+    @computed_field(description="The cloud's test accuracy of the round's model.")  # type: ignore[prop-decorator]
+    @property
+    def eval_accuracy(self) -> float | None:
+        return self._evaluation().get(keys.EVAL_ACCURACY)
+
+    @computed_field(description="The cloud's test loss of the round's model.")  # type: ignore[prop-decorator]
+    @property
+    def eval_loss(self) -> float | None:
+        return self._evaluation().get(keys.EVAL_LOSS)
+
+
+class RoundOut(RoundMetricsFields):
     run_id: int
     round: int
     sampled: list[str]
@@ -97,25 +131,11 @@ class RoundOut(BaseModel):
     version: int | None
     replies: list[ReplyOut]
 
-    @computed_field(description="Training loss aggregated over the replies (train-loss).")  # type: ignore[prop-decorator]
-    @property
-    def train_loss(self) -> float | None:
-        return self.aggregated_metrics.get(keys.TRAIN_LOSS)
+    def _training(self) -> dict[str, float]:
+        return self.aggregated_metrics
 
-    @computed_field(description="Training accuracy aggregated over the replies.")  # type: ignore[prop-decorator]
-    @property
-    def train_accuracy(self) -> float | None:
-        return self.aggregated_metrics.get(keys.TRAIN_ACCURACY)
-
-    @computed_field(description="The cloud's test accuracy of the round's model (eval-accuracy).")  # type: ignore[prop-decorator]
-    @property
-    def eval_accuracy(self) -> float | None:
-        return self.eval_metrics.get(keys.EVAL_ACCURACY)
-
-    @computed_field(description="The cloud's test loss of the round's model (eval-loss).")  # type: ignore[prop-decorator]
-    @property
-    def eval_loss(self) -> float | None:
-        return self.eval_metrics.get(keys.EVAL_LOSS)
+    def _evaluation(self) -> dict[str, float]:
+        return self.eval_metrics
 
 
 class RoundsOut(BaseModel):
@@ -173,30 +193,16 @@ class ProgressOut(BaseModel):
     fraction: float = Field(description="Rounds done / N, between 0 and 1.")
 
 
-class LatestMetricsOut(BaseModel):
+class LatestMetricsOut(RoundMetricsFields):
     round: int
     aggregated: dict[str, float]
     evaluation: dict[str, float]
 
-    @computed_field(description="Training loss aggregated over the round's replies.")  # type: ignore[prop-decorator]
-    @property
-    def train_loss(self) -> float | None:
-        return self.aggregated.get(keys.TRAIN_LOSS)
+    def _training(self) -> dict[str, float]:
+        return self.aggregated
 
-    @computed_field(description="Training accuracy aggregated over the round's replies.")  # type: ignore[prop-decorator]
-    @property
-    def train_accuracy(self) -> float | None:
-        return self.aggregated.get(keys.TRAIN_ACCURACY)
-
-    @computed_field(description="The cloud's test accuracy of the newest model.")  # type: ignore[prop-decorator]
-    @property
-    def eval_accuracy(self) -> float | None:
-        return self.evaluation.get(keys.EVAL_ACCURACY)
-
-    @computed_field(description="The cloud's test loss of the newest model.")  # type: ignore[prop-decorator]
-    @property
-    def eval_loss(self) -> float | None:
-        return self.evaluation.get(keys.EVAL_LOSS)
+    def _evaluation(self) -> dict[str, float]:
+        return self.evaluation
 
 
 class FleetCountOut(BaseModel):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from hypothesis import strategies as st
 import cloud.config as cloud_config
 from edge import config as edge_config
 from edge.errors import ConfigError as EdgeConfigError
+from edge.settings import toml_value
 
 
 def fuzz(cases: int) -> settings:
@@ -99,7 +99,7 @@ round_timeout_s = 30.0
 chunk_size = 65536
 """
 
-# -- a small TOML writer (values we generate, including the awkward ones) ---------------
+# -- a small TOML writer (tables and arrays around the settings writer's scalars) -------
 
 
 def _toml_key(key: str) -> str:
@@ -107,18 +107,8 @@ def _toml_key(key: str) -> str:
 
 
 def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
+    if isinstance(value, bool | int | float | str):
+        return toml_value(value)  # the settings writer's own scalars
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
