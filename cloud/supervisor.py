@@ -66,6 +66,7 @@ class CloudActions:
 
     def __init__(self, stack: CloudStack) -> None:
         self.stack = stack
+        self._starting = threading.Lock()
 
     def pin(self, version: int) -> str | None:
         from cloud.releases import pin_version
@@ -77,7 +78,23 @@ class CloudActions:
         return f"version {version} pinned (sequence {manifest.sequence})"
 
     def start_run(self) -> str | None:
-        run_id = self.stack.submit_run()
+        """Submit a run; :class:`~cloud.web.app.ActionError` (409) while one is going.
+
+        A second Flower run would start a second ServerApp on the same registry and
+        devices, so a run that Flower has not finished refuses the start; so does a
+        stack whose SuperLink cannot take the run (not running, ``flwr run`` failed).
+        """
+        from cloud.web.app import ActionError
+
+        with self._starting:
+            going = self.stack.active_run()
+            if going is not None:
+                run_id, status = going
+                raise ActionError(f"run {run_id} is still {status}; stop it first")
+            try:
+                run_id = self.stack.submit_run()
+            except (FlowerError, StackError) as exc:
+                raise ActionError(f"the run could not be started: {exc}") from exc
         return f"run {run_id} submitted"
 
     def stop_run(self) -> str | None:
@@ -547,6 +564,15 @@ class CloudStack:
         else:
             key = signing.load_private_key(self.settings.signing.private_key)
         write_approval(self.data_dir, sign_approval(key, self.settings.cloud.fleet, run_id))
+
+    def active_run(self) -> tuple[str, str] | None:
+        """(Flower run id, status) of the submitted run while Flower has not finished it."""
+        with self._lock:
+            active, run_id = self.run_active, self.flower_run_id
+        if not active or run_id is None:
+            return None
+        status = self.run_status()
+        return None if status.startswith("finished") else (run_id, status)
 
     def run_status(self) -> str:
         """Flower's status of the submitted run: pending, starting, running, finished:…"""

@@ -13,7 +13,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from cloud import config as cloud_config
 from cloud.registry import Registry, sqlite_url
+from cloud.supervisor import CloudActions, CloudStack, init_cloud, read_token
 from cloud.web import ActionError, WebServer, create_app
 from cloud.web.app import STATIC_DIR
 from protos import wire_keys as keys
@@ -28,15 +30,12 @@ class RecordingActions:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, int | None]] = []
-        self.refuse_start = False
 
     def pin(self, version: int) -> str | None:
         self.calls.append(("pin", version))
         return f"pinned v{version}"
 
     def start_run(self) -> str | None:
-        if self.refuse_start:
-            raise ActionError("a run is already running")
         self.calls.append(("start", None))
         return None
 
@@ -232,10 +231,37 @@ def test_actions_receive_the_request(client: TestClient, actions: RecordingActio
     assert client.post("/api/runs/stop", headers=auth).json()["message"] == "stopping run"
     assert actions.calls == [("pin", 1), ("start", None), ("stop", None)]
     assert client.post("/api/models/42/pin", headers=auth).status_code == 404
-    actions.refuse_start = True
-    conflict = client.post("/api/runs/start", headers=auth)
-    assert conflict.status_code == 409
-    assert conflict.json()["detail"] == "a run is already running"
+
+
+@pytest.mark.slow
+def test_starting_a_second_run_conflicts_with_the_real_cloud(
+    tmp_path: Path, mlp_model_dir: Path
+) -> None:
+    """The 409 path through the real CloudActions of a running cloud (no fake actions)."""
+    conf = init_cloud(tmp_path / "cloud", fleet="web", model_dir=mlp_model_dir)
+    settings = cloud_config.load(conf)
+    stack = CloudStack(settings).start()
+    try:
+        auth = {"Authorization": f"Bearer {read_token(settings)}"}
+        with httpx.Client(base_url=stack.web.url, timeout=120) as http:
+            first = http.post("/api/runs/start", headers=auth)
+            assert first.status_code == 200, first.text
+            run_id = stack.flower_run_id
+            assert run_id is not None and first.json()["message"] == f"run {run_id} submitted"
+            # No device is connected, so the run waits for nodes: it is still going.
+            second = http.post("/api/runs/start", headers=auth)
+            assert second.status_code == 409, second.text
+            assert second.json()["detail"].startswith(f"run {run_id} is still ")
+            assert stack.flower_run_id == run_id  # nothing else was submitted
+            assert http.post("/api/runs/stop", headers=auth).status_code == 200
+        # Without its SuperLink the cloud cannot take a run: a conflict, not a 500.
+        assert stack.superlink is not None
+        stack.watchdog.stop()  # so that it does not bring the SuperLink back meanwhile
+        stack.superlink.stop()
+        with pytest.raises(ActionError, match="could not be started"):
+            CloudActions(stack).start_run()
+    finally:
+        stack.stop()
 
 
 def test_writes_are_disabled_without_a_configured_token(registry: Registry) -> None:
