@@ -15,6 +15,7 @@ standard kind it keeps that base too (``ValueError``, ``RuntimeError``,
     ├── bridge.BridgeError                a bridge configuration Mosquitto would refuse
     ├── proxy.ProxyError                  nginx is missing, misconfigured or did not start
     ├── publisher.PublishError            the broker refused or did not acknowledge a release
+    ├── rollout.RolloutError              a rollout action that does not apply (no such rollout)
     ├── signer.SignerError                the signer refused a release
     │   └── signer.SignerUnavailable      broker or signer away; asking again may work
     ├── registry.RegistryError            the registry database failed

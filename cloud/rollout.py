@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cloud.config import CloudSettings
+from cloud.errors import CloudError
 from cloud.registry import Registry
 from cloud.rollout_policy import CheckReport, GateResult, evaluate_gate, phases_of
 from protos import codec, cohort
@@ -68,7 +69,7 @@ CHECKED = "candidate_checked"
 FAILED = "candidate_failed"
 
 
-class RolloutError(RuntimeError):
+class RolloutError(CloudError, RuntimeError):
     """An operator action that does not apply (no such rollout, already decided)."""
 
 
