@@ -13,6 +13,16 @@ registry write made a release to a few hundred devices overflow that queue and M
 dropped statuses and events (issue 18). A **worker** thread decodes the queued messages
 in batches and calls the callbacks; :attr:`FleetMonitor.backlog` is how many wait.
 
+Statuses are subscribed with QoS 0, events with QoS 1. A status is periodic and retained:
+the next one (or the retained one, on a new subscription) supersedes any that is lost, so
+it needs no acknowledgement. At QoS 1, Mosquitto's in-flight window and one PUBACK round
+trip per status capped what the monitor received: 10,000 devices offered ~2,000
+statuses/s, the monitor got ~235/s and the rest piled up in the broker's queue, each one
+staler than the last (benchmarks/bench_telemetry.py). At QoS 0 the broker writes statuses
+to the socket as they come; under overload they are dropped, not queued, so what the
+registry shows stays as fresh as the monitor can read. Events (installs, rejections) are
+not periodic and keep QoS 1.
+
 Malformed payloads (anyone who may publish on the broker can send them) are logged and
 dropped; a callback that raises is logged and does not stop the monitor.
 """
@@ -50,6 +60,10 @@ _T = TypeVar("_T")
 EVENT_HISTORY = 1000
 #: Most messages the worker takes off the queue for one batch of callbacks.
 MAX_BATCH = 1000
+#: Subscription QoS of device statuses (periodic, retained: superseded, never acknowledged).
+STATUS_QOS = 0
+#: Subscription QoS of device events (one-off: acknowledged, queued while the cloud is away).
+EVENT_QOS = 1
 #: Seconds the worker keeps collecting after a batch's first message. A registry write
 #: costs about a millisecond per transaction whatever its size: taking messages one by
 #: one as they trickle in spent ~0.5 ms of CPU per status and kept paho's network thread
@@ -162,8 +176,8 @@ class FleetMonitor:
     def _subscribe(self, _session_present: bool) -> None:
         self._client.subscribe(
             [
-                (topics.all_device_status_filter(self.fleet), 1),
-                (topics.all_device_event_filter(self.fleet), 1),
+                (topics.all_device_status_filter(self.fleet), STATUS_QOS),
+                (topics.all_device_event_filter(self.fleet), EVENT_QOS),
             ]
         )
 
