@@ -524,6 +524,7 @@ class CloudStack:
             operator_token=read_token(s),
             fleet=s.cloud.fleet,
             actions=CloudActions(self),
+            rollouts=None if self.signer is None else self.signer.signer.rollout,
         )
         self.web = WebServer(app, host=s.web.host, port=s.web.port)
         url = self.web.start()

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Annotated, Protocol, runtime_checkable
+from typing import Annotated, Any, Protocol, runtime_checkable
 
 import anyio
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
@@ -104,6 +104,22 @@ class WebActions(Protocol):
 
     def stop_run(self) -> str | None:
         """Stop the running federated run."""
+        ...
+
+
+class RolloutActions(Protocol):
+    """The staged rollouts of the cloud (:class:`cloud.rollout.RolloutController`)."""
+
+    def status(self) -> dict[str, Any]:
+        """The running rollout and the recent ones, as plain data."""
+        ...
+
+    def promote(self, version: int) -> int:
+        """Release the running candidate ``version`` fleet-wide now; its sequence."""
+        ...
+
+    def halt(self, version: int) -> None:
+        """Stop the running rollout of ``version`` where it is."""
         ...
 
 
@@ -202,6 +218,7 @@ def create_app(
     operator_token: str | None,
     fleet: str,
     actions: WebActions | None = None,
+    rollouts: RolloutActions | None = None,
     poll_interval: float = DEFAULT_POLL_INTERVAL,
     heartbeat: float = DEFAULT_HEARTBEAT,
     listen_host: str = "127.0.0.1",
@@ -225,6 +242,7 @@ def create_app(
     app.state.stop_streams = threading.Event()
     app.state.operator_token = operator_token.encode() if operator_token else None
     app.state.actions = actions
+    app.state.rollouts = rollouts
     app.state.listen_host = listen_host
 
     operator = [Depends(require_operator)]
@@ -391,6 +409,17 @@ def create_app(
         return [schemas.event_out(e) for e in registry.list_events(limit)]
 
     @app.get(
+        "/api/rollouts",
+        tags=["read"],
+        dependencies=private,
+        responses={**private_errors, 501: {"model": schemas.ErrorOut}},
+    )
+    def rollouts_status(request: Request) -> dict[str, Any]:
+        """Staged rollouts: the running one and the recent ones, each phase with its cohort,
+        checks, failures, gate figures and decision (501 when no controller is wired)."""
+        return _rollouts(request).status()
+
+    @app.get(
         "/api/stream",
         tags=["read"],
         response_class=StreamingResponse,
@@ -445,7 +474,60 @@ def create_app(
         """Stop the running federated run."""
         return _act(wired.stop_run, "run stopping")
 
+    @app.post(
+        "/api/rollouts/{version}/promote",
+        response_model=schemas.ActionOut,
+        dependencies=operator,
+        responses=write_errors,
+        tags=["write"],
+    )
+    def promote_rollout(version: int, request: Request) -> schemas.ActionOut:
+        """Release the running candidate to the whole fleet now, skipping its phases."""
+        wired = _rollouts(request)
+        return _act(
+            lambda: _rollout_act(
+                lambda: f"version {version} promoted (sequence {wired.promote(version)})"
+            ),
+            f"version {version} promoted",
+        )
+
+    @app.post(
+        "/api/rollouts/{version}/halt",
+        response_model=schemas.ActionOut,
+        dependencies=operator,
+        responses=write_errors,
+        tags=["write"],
+    )
+    def halt_rollout(version: int, request: Request) -> schemas.ActionOut:
+        """Stop the running rollout where it is (devices keep what they serve)."""
+        wired = _rollouts(request)
+
+        def halt() -> str:
+            wired.halt(version)
+            return f"rollout of version {version} halted"
+
+        return _act(lambda: _rollout_act(halt), f"rollout of version {version} halted")
+
     return app
+
+
+def _rollouts(request: Request) -> RolloutActions:
+    wired: RolloutActions | None = request.app.state.rollouts
+    if wired is None:
+        raise HTTPException(501, "this server has no rollout controller wired")
+    return wired
+
+
+def _rollout_act(action: Callable[[], str]) -> str:
+    """Run a rollout action; "not in progress" and a broker outage become ActionError (409)."""
+    from cloud.publisher import PublishError
+    from cloud.rollout import RolloutError
+    from cloud.signer import SignerError
+
+    try:
+        return action()
+    except (RolloutError, SignerError, PublishError, OSError) as exc:
+        raise ActionError(str(exc)) from exc
 
 
 _bearer = HTTPBearer(auto_error=False, description="The operator token.")

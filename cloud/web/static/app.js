@@ -6,7 +6,7 @@
 (function () {
   const TOKEN_KEY = "edgefl.operatorToken";
   const PALETTE = ["#7c5cff", "#00a3a3", "#d6336c", "#8f6b00", "#0b7285", "#e8590c", "#5c7cfa", "#2f9e44"];
-  const state = { overview: null, rounds: null, devices: [], models: null, events: [] };
+  const state = { overview: null, rounds: null, devices: [], models: null, events: [], rollouts: null };
   /** The device list is one page of a filtered query: a fleet may hold 10,000 devices. */
   const DEVICE_PAGE = 50;
   const devicePage = { offset: 0, q: "", state: "", total: 0 };
@@ -176,12 +176,21 @@
     setTimeout(() => URL.revokeObjectURL(url), 10000);
   }
 
+  /** Rollouts: null when this server has no controller (501) or wants the token. */
+  async function fetchRollouts() {
+    const response = await fetch("/api/rollouts", { headers: authHeaders("application/json"), cache: "no-store" });
+    if (!response.ok) return null;
+    return response.json();
+  }
+
   async function refreshLists() {
-    const [rounds, devices, models, events] = await Promise.all([
+    const [rounds, devices, models, events, rollouts] = await Promise.all([
       getJSON("/api/rounds"), fetchDevices(), getJSON("/api/models"), getPrivateJSON("/api/events?limit=50"),
+      fetchRollouts(),
     ]);
     state.rounds = rounds; state.devices = devices; state.models = models; state.events = events;
-    renderRounds(); renderDevices(); renderModels(); renderEvents();
+    state.rollouts = rollouts;
+    renderRounds(); renderDevices(); renderModels(); renderEvents(); renderRollouts();
     renderOverview();  // the rollout card follows the fleet target's row of the models list
     document.body.removeAttribute("data-loading");
   }
@@ -464,6 +473,40 @@
     replaceRows(document.querySelector("#models-table tbody"), rows, "No model version yet.", 10);
   }
 
+  function renderRollouts() {
+    const data = state.rollouts;
+    $("rollout-policy").textContent = data
+      ? "Policy: " + data.policy + (data.policy === "immediate" ? " (every round's model goes to the whole fleet at once)." : " (each phase is gated by the devices' own checks).")
+      : "Rollouts are not available on this server (or need the operator token).";
+    const all = data ? data.history.slice().reverse() : [];
+    if (data && data.active && data.active.status === "running") all.unshift(data.active);
+    const rows = all.map((r) => {
+      const last = r.phases.length ? r.phases[r.phases.length - 1] : null;
+      const f = last && last.figures ? last.figures : null;
+      const figures = f
+        ? "accuracy " + fmt(f.served_accuracy, 3) + " → " + fmt(f.candidate_accuracy, 3) +
+          " (drop " + fmt(f.accuracy_drop, 3) + "), " + f.failures + " failed, " + f.silent + " silent"
+        : "–";
+      const running = r.status === "running";
+      const actions = running ? el("div", { className: "actions" },
+        el("button", { type: "button", id: "promote-v" + r.version, className: "button button-small button-secondary rollout-button",
+          "data-version": r.version, "data-action": "promote", "aria-label": "Promote version " + r.version + " to the whole fleet", text: "Promote" }),
+        el("button", { type: "button", id: "halt-v" + r.version, className: "button button-small button-secondary rollout-button",
+          "data-version": r.version, "data-action": "halt", "aria-label": "Halt the rollout of version " + r.version, text: "Halt" }))
+        : null;
+      return el("tr", { "data-version": r.version },
+        el("th", { scope: "row" }, "v" + r.version + " (from v" + r.served_version + ")"),
+        el("td", {}, el("span", { className: "badge " + (r.status === "promoted" ? "ok" : running ? "pinned" : ""), text: r.status })),
+        el("td", { className: "num", text: r.phase + " / " + r.phase_count }),
+        el("td", { className: "num", text: last ? last.checked.length + " / " + last.cohort.length : "–" }),
+        el("td", { text: figures }),
+        el("td", { text: last && last.reason ? last.reason : (running ? "checking…" : "–") }),
+        el("td", { className: "num", text: ago(r.started_at) }),
+        el("td", {}, actions));
+    });
+    replaceRows(document.querySelector("#rollouts-table tbody"), rows, "No rollout yet.", 8);
+  }
+
   function renderEvents() {
     const items = state.events.map((e) => el("li", {},
       el("time", { datetime: new Date(e.timestamp_ms).toISOString(), text: new Date(e.timestamp_ms).toLocaleTimeString() }),
@@ -527,6 +570,13 @@
       if (!button) return;
       const version = button.getAttribute("data-version");
       operatorAction("/api/models/" + encodeURIComponent(version) + "/pin", button.textContent + " to v" + version);
+    });
+    document.querySelector("#rollouts-table tbody").addEventListener("click", (event) => {
+      const button = event.target.closest("button.rollout-button");
+      if (!button) return;
+      const version = button.getAttribute("data-version");
+      const action = button.getAttribute("data-action");
+      operatorAction("/api/rollouts/" + encodeURIComponent(version) + "/" + action, button.textContent + " v" + version);
     });
     $("start-run").addEventListener("click", () => operatorAction("/api/runs/start", "Start run"));
     $("stop-run").addEventListener("click", () => operatorAction("/api/runs/stop", "Stop run"));
