@@ -44,6 +44,7 @@ from benchmarks.common import (
     Report,
     Result,
     benchmark_main,
+    loopback_cloud,
     machine_info,
     mlp_model_dir,
     ratio_within,
@@ -173,17 +174,9 @@ class Design:
 
 
 def _cloud(work: Path, sizes: Sizes, model_dir: Path) -> Any:
-    from cloud import config as cloud_config
-    from cloud.supervisor import init_cloud
-    from edge.process import free_port
-
-    conf = init_cloud(work / "cloud", fleet="bench", model_dir=model_dir)
-    settings = cloud_config.load(conf)
-    settings.broker.port = free_port()
-    settings.superlink.port = free_port()
-    settings.web.port = free_port()
-    settings.run = dataclasses.replace(
-        settings.run,
+    return loopback_cloud(
+        work,
+        model_dir,
         num_rounds=sizes.rounds,
         strategy="fedavg",
         fraction_train=1.0,
@@ -193,7 +186,6 @@ def _cloud(work: Path, sizes: Sizes, model_dir: Path) -> Any:
         local_epochs=sizes.local_epochs,
         seed=SEED,
     )
-    return settings
 
 
 def run_design(design: str, sizes: Sizes, model_dir: Path, work: Path) -> Design:

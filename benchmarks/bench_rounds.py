@@ -17,7 +17,6 @@ to a JSON-lines file; consecutive timestamps give the round durations.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import statistics
@@ -36,6 +35,7 @@ from benchmarks.common import (
     Report,
     Result,
     benchmark_main,
+    loopback_cloud,
     machine_info,
     mlp_model_dir,
     ratio_within,
@@ -201,18 +201,13 @@ def run_bare(sizes: Sizes, model_dir: Path, work: Path) -> Federation:
 
 def run_ours(sizes: Sizes, model_dir: Path, work: Path) -> Federation:
     """Run a real edgefl federation (CloudStack + N emulated devices); stop it all."""
-    from cloud import config as cloud_config
-    from cloud.supervisor import CloudStack, init_cloud
+    from cloud.supervisor import CloudStack
     from devices.emulate import EmulatedFleet, FleetSpec
-    from edge.process import connect_host, free_port
+    from edge.process import connect_host
 
-    conf = init_cloud(work / "cloud", fleet="bench", model_dir=model_dir)
-    settings = cloud_config.load(conf)
-    settings.broker.port = free_port()
-    settings.superlink.port = free_port()
-    settings.web.port = free_port()
-    settings.run = dataclasses.replace(
-        settings.run,
+    settings = loopback_cloud(
+        work,
+        model_dir,
         num_rounds=sizes.rounds,
         strategy="fedavg",
         fraction_train=1.0,

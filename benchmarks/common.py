@@ -428,3 +428,21 @@ def model_package(model_dir: Path) -> bytes:
             weights=weights,
         )
     )
+
+
+# -- the cloud ----------------------------------------------------------------------------
+
+
+def loopback_cloud(work: Path, model_dir: Path, **run: Any) -> Any:
+    """Settings of a fresh loopback cloud in ``work/cloud`` (fleet ``bench``, free fixed
+    ports, so that it can be restarted) with the ``[run]`` keys in ``run`` set."""
+    from cloud import config as cloud_config
+    from cloud.supervisor import init_cloud
+    from edge.process import free_port
+
+    settings = cloud_config.load(init_cloud(work / "cloud", fleet="bench", model_dir=model_dir))
+    settings.broker.port = free_port()
+    settings.superlink.port = free_port()
+    settings.web.port = free_port()
+    settings.run = dataclasses.replace(settings.run, **run)
+    return settings
