@@ -19,24 +19,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import cloud.config as cloud_config
 from edge import config as edge_config
 from edge.errors import ConfigError as EdgeConfigError
 from edge.settings import toml_value
-
-
-def fuzz(cases: int) -> settings:
-    """Hypothesis settings for ``cases`` examples, no deadline (shared, busy cores)."""
-    return settings(
-        max_examples=cases,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow],
-        database=None,
-    )
-
+from tests.fuzz.cases import fuzz
 
 EDGE_SECTIONS: dict[str, list[str]] = {
     "device": ["id", "fleet", "profile", "data_dir"],

@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 from edge.config import load_settings
@@ -42,6 +42,7 @@ from protos.edgefl.v1 import (
 from protos.kserve import grpc_predict_v2_pb2 as kpb
 from protos.kserve import grpc_predict_v2_pb2_grpc as kgrpc
 from tests.edge.helpers import device_config, make_package, model_weights
+from tests.fuzz.cases import fuzz
 
 CLEAR_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -53,16 +54,6 @@ MODEL = "digits"
 FEATURES = 64
 CLASSES = 10
 INITIAL_SAMPLES = 64
-
-
-def fuzz(cases: int) -> settings:
-    """Hypothesis settings for ``cases`` examples; no deadline (shared, busy cores)."""
-    return settings(
-        max_examples=cases,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-        database=None,
-    )
 
 
 @dataclass

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 from cloud.broker import Broker
@@ -49,21 +49,12 @@ from edge.model_card import ModelCard
 from edge.node import EdgeNode
 from protos import codec, signing, topics
 from tests.edge.helpers import device_config, make_package, model_weights, perturbed
+from tests.fuzz.cases import fuzz
 
 FLEET = "fuzz"
 DEVICE = "fuzz-device"
 WAIT_S = 30.0
 FEATURES = 64
-
-
-def fuzz(cases: int) -> settings:
-    """Hypothesis settings for ``cases`` examples; no deadline (shared, busy cores)."""
-    return settings(
-        max_examples=cases,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-        database=None,
-    )
 
 
 @dataclass
