@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +208,14 @@ def test_staged_rollout_good_bad_and_silent_devices(
         if e.kind == "candidate_checked" and e.version == v3 and e.device_id == first
     ]
     assert checks, "phase 1's device reported its check"
+    # The UI's JSON API shows the rollback with its gate figures.
+    web = (s.data_dir / "web.url").read_text().strip()
+    with urllib.request.urlopen(web + "/api/rollouts", timeout=10) as resp:
+        shown = json.loads(resp.read())
+    last = shown["history"][-1]
+    assert (last["version"], last["status"]) == (v3, "rolled back")
+    assert last["phases"][0]["passed"] is False
+    assert last["phases"][0]["figures"]["accuracy_drop"] > 0.5
 
     # 3. The next good version, with one device of the fleet frozen during the rollout.
     frozen = next(d for d in fleet.devices if d.name == ordered[1])
