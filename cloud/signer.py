@@ -71,6 +71,8 @@ EVENT_SOURCE = "cloud"
 RELEASED_EVENT_KIND = "release published"
 #: Operator actions on staged rollouts the signer's socket answers besides "release".
 ROLLOUT_OPS = ("rollout-status", "rollout-promote", "rollout-halt")
+#: Event kind of a current release published again (after a broker restart).
+REPUBLISHED_EVENT_KIND = "release republished"
 
 
 class SignerError(CloudError, RuntimeError):
@@ -238,7 +240,40 @@ class ReleaseSigner:
             self._record(version, f"version {version} released (sequence {manifest.sequence})")
             return manifest.sequence
 
-    def _record(self, version: int, detail: str) -> None:
+    def republish_current(self) -> int | None:
+        """Publish the fleet's current version again; its new sequence (None: no release yet).
+
+        For a broker that restarted: Mosquitto saves its retained messages every
+        ``autosave_interval`` seconds, so one that was SIGKILLed can come back with an
+        older release's retained manifest (and chunks), which a device starting up
+        would take for the newest. Publishing the current version again puts its
+        manifest and chunks back (and clears the older release's chunks); devices that
+        already serve it only note the new sequence.
+        """
+        from cloud.publisher import PublishError
+        from cloud.releases import publish_version
+
+        with self._lock:
+            current = self.registry.current()
+            if current is None:
+                return None
+            try:
+                with self._publisher() as publisher:
+                    manifest = publish_version(
+                        self.registry, publisher, current.version, pinned=current.pinned
+                    )
+            except (PublishError, OSError, RuntimeError) as exc:
+                raise SignerUnavailable(
+                    f"version {current.version} not republished: {exc}"
+                ) from exc
+            self._record(
+                current.version,
+                f"version {current.version} republished (sequence {manifest.sequence})",
+                kind=REPUBLISHED_EVENT_KIND,
+            )
+            return manifest.sequence
+
+    def _record(self, version: int, detail: str, *, kind: str = RELEASED_EVENT_KIND) -> None:
         from protos.codec import DeviceEvent
 
         try:
@@ -246,7 +281,7 @@ class ReleaseSigner:
                 DeviceEvent(
                     device_id=EVENT_SOURCE,
                     timestamp_ms=int(time.time() * 1000),
-                    kind=RELEASED_EVENT_KIND,
+                    kind=kind,
                     detail=detail,
                     version=version,
                 )

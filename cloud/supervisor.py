@@ -33,7 +33,7 @@ from cloud.config import CloudSettings
 from cloud.errors import CloudError
 from cloud.ports import check_port_free
 from cloud.proxy import FleetProxy
-from cloud.signer import SignerService
+from cloud.signer import SignerService, SignerUnavailable
 from cloud.supervision import RestartPolicy, SupervisedPart, Watchdog, interrupts_ignored
 from edge.flower_node import FlowerError, SuperLink, SuperLinkTLS
 from edge.process import ManagedProcess, connect_host, free_port
@@ -262,6 +262,12 @@ class CloudStack:
         self._phase("signer")
         # The only holder of the signing key; the ServerApp asks it for releases.
         self.signer = SignerService(self.runtime_settings, self.registry).start()
+        # A broker killed together with the cloud may have come back with an older
+        # release retained (its last autosave): the current one goes out again.
+        try:
+            self.republish_current()
+        except SignerUnavailable as exc:
+            logger.warning("the current release was not republished at start: %s", exc)
         self._phase("monitor")
         self._start_monitor()
         self._phase("web")
@@ -363,6 +369,7 @@ class CloudStack:
                     alive=lambda: _process_alive(broker.process),
                     restart=self._restart_broker,
                     describe_exit=lambda: _exit_text(broker.process),
+                    after_restart=[self.republish_current],
                 )
             )
         link = self.superlink
@@ -402,6 +409,18 @@ class CloudStack:
         # Whatever is left of the old process (nothing, usually) goes first.
         self.broker.stop()
         self._start_broker()
+
+    def republish_current(self) -> None:
+        """Hook after a broker restart: put the current release back as the retained one.
+
+        A SIGKILLed Mosquitto comes back with the retained messages of its last autosave,
+        possibly an older release (:meth:`cloud.signer.ReleaseSigner.republish_current`).
+        """
+        if self.signer is None:
+            return
+        sequence = self.signer.signer.republish_current()
+        if sequence is not None:
+            logger.info("broker restarted: current release republished (sequence %d)", sequence)
 
     def _restart_superlink(self) -> None:
         assert self.superlink is not None
