@@ -19,6 +19,7 @@ Chunks default to 256 KiB: well under EMQX's 1 MB default and, with
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -263,6 +264,23 @@ class Publisher:
                 f"{what}: {len(problems)} of {len(messages)} messages failed: {shown}"
             )
 
+    def _publish_chunks(self, version: int, chunks: list[bytes], what: str) -> None:
+        self._publish_all(
+            [(topics.release_chunk(self.fleet, version, i), c) for i, c in enumerate(chunks)],
+            what,
+        )
+
+    def _signed(self, unsigned: codec.Manifest) -> codec.Manifest:
+        """``unsigned`` stamped (time, next sequence), signed, and checked as a device would."""
+        manifest = signing.sign_manifest(
+            dataclasses.replace(
+                unsigned, created_at_ms=int(time.time() * 1000), sequence=self._next_sequence()
+            ),
+            self._key,
+        )
+        codec.manifest_from_bytes(codec.manifest_to_bytes(manifest))
+        return manifest
+
     def publish_release(
         self,
         *,
@@ -284,20 +302,14 @@ class Publisher:
             raise ValueError("package is empty")
         self._ensure_connected()
         chunks = codec.split_chunks(package, self.chunk_size)
-        self._publish_all(
-            [
-                (topics.release_chunk(self.fleet, version, i), chunk)
-                for i, chunk in enumerate(chunks)
-            ],
-            f"release {version} chunks",
-        )
-        manifest = signing.sign_manifest(
+        self._publish_chunks(version, chunks, f"release {version} chunks")
+        manifest = self._signed(
             codec.Manifest(
                 fleet=self.fleet,
                 version=version,
                 parent_version=parent_version,
                 round=round,
-                created_at_ms=int(time.time() * 1000),
+                created_at_ms=0,
                 architecture_id=architecture_id,
                 artifact_sha256=codec.sha256_hex(package),
                 artifact_size=len(package),
@@ -305,12 +317,8 @@ class Publisher:
                 chunk_sha256=tuple(codec.sha256_hex(c) for c in chunks),
                 metrics=dict(metrics or {}),
                 pinned=pinned,
-                sequence=self._next_sequence(),
-            ),
-            self._key,
+            )
         )
-        # Validate what we send exactly as a device will.
-        codec.manifest_from_bytes(codec.manifest_to_bytes(manifest))
         self._publish_all(
             [(topics.release_manifest(self.fleet), codec.manifest_to_bytes(manifest))],
             f"release {version} manifest",
@@ -361,35 +369,26 @@ class Publisher:
         self._ensure_connected()
         chunks = codec.split_chunks(package, self.chunk_size)
         if with_chunks:
-            self._publish_all(
-                [
-                    (topics.release_chunk(self.fleet, version, i), chunk)
-                    for i, chunk in enumerate(chunks)
-                ],
-                f"candidate {version} chunks",
-            )
-        manifest = signing.sign_manifest(
+            self._publish_chunks(version, chunks, f"candidate {version} chunks")
+        manifest = self._signed(
             codec.Manifest(
                 fleet=self.fleet,
                 version=version,
                 parent_version=parent_version,
                 round=round,
-                created_at_ms=int(time.time() * 1000),
+                created_at_ms=0,
                 architecture_id=architecture_id,
                 artifact_sha256=codec.sha256_hex(package),
                 artifact_size=len(package),
                 chunk_size=self.chunk_size,
                 chunk_sha256=tuple(codec.sha256_hex(c) for c in chunks),
                 metrics=dict(metrics or {}),
-                sequence=self._next_sequence(),
                 phase=phase,
                 cohort_ppm=cohort_ppm,
                 action=action,
                 served_version=served_version,
-            ),
-            self._key,
+            )
         )
-        codec.manifest_from_bytes(codec.manifest_to_bytes(manifest))
         self._publish_all(
             [(topics.release_candidate(self.fleet), codec.manifest_to_bytes(manifest))],
             f"candidate {version} manifest",

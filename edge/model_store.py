@@ -235,6 +235,17 @@ class ModelStore:
         ``sha256``; :class:`InstallError` when the version is stored with other bytes or
         the disk fails (full disk included): the store is then unchanged.
         """
+        return self._store(version, data, sha256, make_current=True)
+
+    def stage(self, version: int, data: bytes, sha256: str) -> StoredModel:
+        """Store ``version`` beside the current one without making it current (a candidate).
+
+        Same checks and errors as :meth:`install`; the ``current`` pointer is untouched,
+        so a restart keeps serving what it served. :meth:`activate` serves it later.
+        """
+        return self._store(version, data, sha256, make_current=False)
+
+    def _store(self, version: int, data: bytes, sha256: str, *, make_current: bool) -> StoredModel:
         if version < 1:
             raise InstallError(f"version must be >= 1, got {version}")
         actual = sha256_hex(data)
@@ -252,53 +263,22 @@ class ModelStore:
             try:
                 if existing is None:
                     atomic_write(path, data)
-                self._write_pointer(version, actual)
+                if make_current:
+                    self._write_pointer(version, actual)
             except OSError as exc:
                 if existing is None:
                     with contextlib.suppress(OSError):
                         path.unlink()
                 reason = "disk full" if exc.errno == errno.ENOSPC else str(exc)
                 raise InstallError(f"cannot store version {version}: {reason}") from exc
-            logger.info("model store %s: installed version %d", self.root, version)
-            self._collect_garbage(version)
-            return StoredModel(version, actual, path, bytes(data))
-
-    def stage(self, version: int, data: bytes, sha256: str) -> StoredModel:
-        """Store ``version`` beside the current one without making it current (a candidate).
-
-        Same checks and errors as :meth:`install`; the ``current`` pointer is untouched,
-        so a restart keeps serving what it served. :meth:`activate` serves it later.
-        """
-        if version < 1:
-            raise InstallError(f"version must be >= 1, got {version}")
-        actual = sha256_hex(data)
-        if actual != sha256.lower():
-            raise DigestMismatch(
-                f"package for version {version} hashes to {actual[:12]}…, announced {sha256[:12]}…"
-            )
-        with self._lock:
-            existing = self._files().get(version)
-            if existing is not None:
-                if existing[0] != actual:
-                    raise InstallError(
-                        f"version {version} is already stored with another digest "
-                        f"({existing[0][:12]}…)"
-                    )
-                return StoredModel(version, actual, existing[1], bytes(data))
-            path = self._path(version, actual)
-            try:
-                atomic_write(path, data)
-            except OSError as exc:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                reason = "disk full" if exc.errno == errno.ENOSPC else str(exc)
-                raise InstallError(f"cannot store version {version}: {reason}") from exc
-            logger.info(
-                "model store %s: staged version %d beside the current one", self.root, version
-            )
-            current = self.current_version()
-            if current is not None:
-                self._collect_garbage(current, also_keep=version)
+            if make_current:
+                logger.info("model store %s: installed version %d", self.root, version)
+                self._collect_garbage(version)
+            else:
+                logger.info("model store %s: staged version %d", self.root, version)
+                current = self.current_version()
+                if current is not None:
+                    self._collect_garbage(current, also_keep=version)
             return StoredModel(version, actual, path, bytes(data))
 
     def has(self, version: int, sha256: str) -> bool:
