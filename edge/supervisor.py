@@ -142,21 +142,28 @@ class DeviceSupervisor:
         )
 
     def _start_node(self, *, fixed_port: bool) -> None:
-        """Start the SuperNode; a free port taken by someone else meanwhile gets another try."""
+        """Start the SuperNode, with up to :data:`PORT_ATTEMPTS` tries.
+
+        A free port taken by someone else meanwhile gets another port; a SuperNode that
+        exits while starting is started again (Flower 1.42's ``flower-supernode`` has
+        been seen to abort at start-up with "epoll_wait error: Bad file descriptor", and
+        a rerun started normally). A fixed port that is taken is an operator's problem:
+        that is raised at once.
+        """
         assert self.node is not None
         for attempt in range(1, PORT_ATTEMPTS + 1):
             try:
                 self.node.start()
                 return
             except FlowerError as exc:
-                if (
-                    fixed_port
-                    or attempt == PORT_ATTEMPTS
-                    or "address already in use" not in str(exc)
-                ):
+                port_taken = "address already in use" in str(exc)
+                if attempt == PORT_ATTEMPTS or (port_taken and fixed_port):
                     raise
-                logger.warning("runtime port %d was taken; trying another", self.node.port)
-                self.node.port = free_port()
+                if port_taken:
+                    logger.warning("runtime port %d was taken; trying another", self.node.port)
+                    self.node.port = free_port()
+                else:
+                    logger.warning("the SuperNode did not start (%s); starting it again", exc)
 
     def start(self) -> DeviceSupervisor:
         from edge.server import DeviceServices
