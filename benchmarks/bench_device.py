@@ -44,11 +44,11 @@ from benchmarks.common import (
     Report,
     Result,
     benchmark_main,
+    finish_report,
     loopback_cloud,
     machine_info,
     mlp_model_dir,
     ratio_within,
-    write_report,
 )
 
 LEGACY_APP_DIR = BENCH_DIR / "legacy_flower_app"
@@ -431,10 +431,7 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Report:
         old = run_design("old", sizes, model_dir, tmp / "old")
         new = run_design("new", sizes, model_dir, tmp / "new")
     report = build_report(sizes, quick, new, old, machine)
-    report.duration_s = time.perf_counter() - began
-    if out_dir is not None:
-        write_report(report, out_dir)
-    return report
+    return finish_report(report, began, out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -50,10 +50,10 @@ from benchmarks.common import (
     Result,
     arg_parser,
     child_env,
+    finish_report,
     mlp_model_dir,
     model_package,
     summarize,
-    write_report,
 )
 from edge.process import ManagedProcess
 from protos import codec
@@ -570,10 +570,7 @@ def run(quick: bool = False, out_dir: Path | None = None, sizes: Sizes | None = 
         ]
     )
     report.details = details
-    report.duration_s = time.perf_counter() - began
-    if out_dir is not None:
-        write_report(report, out_dir)
-    return report
+    return finish_report(report, began, out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -52,11 +52,11 @@ from benchmarks.common import (
     Result,
     benchmark_main,
     child_env,
+    finish_report,
     mlp_model_dir,
     model_package,
     ratio_within,
     summarize,
-    write_report,
 )
 from benchmarks.echo_server import METHOD as ECHO_METHOD
 from benchmarks.load_clients import ClientProcesses, LoadResult, Target
@@ -535,10 +535,7 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Report:
         },
         "request_bytes": len(request_bytes),
     }
-    report.duration_s = time.perf_counter() - began
-    if out_dir is not None:
-        write_report(report, out_dir)
-    return report
+    return finish_report(report, began, out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,8 +26,8 @@ from benchmarks.common import (
     Result,
     benchmark_main,
     child_env,
+    finish_report,
     mlp_model_dir,
-    write_report,
 )
 
 
@@ -134,10 +134,7 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Report:
         + ", ".join(f"r{r}={a:.3f}" for r, a in sorted(per_round.items()))
         + " (round 0 is the untrained initial model)."
     )
-    report.duration_s = time.perf_counter() - began
-    if out_dir is not None:
-        write_report(report, out_dir)
-    return report
+    return finish_report(report, began, out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

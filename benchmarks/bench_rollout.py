@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import Report, Result, benchmark_main, mlp_model_dir, write_report
+from benchmarks.common import Report, Result, benchmark_main, finish_report, mlp_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -385,10 +385,7 @@ def run(quick: bool, out_dir: Path | None = None) -> Report:
             "so a failing phase 1 means no device served it at all.",
         ],
     )
-    report.duration_s = time.perf_counter() - began
-    if out_dir is not None:
-        write_report(report, out_dir)
-    return report
+    return finish_report(report, began, out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

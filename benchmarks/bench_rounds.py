@@ -35,11 +35,11 @@ from benchmarks.common import (
     Report,
     Result,
     benchmark_main,
+    finish_report,
     loopback_cloud,
     machine_info,
     mlp_model_dir,
     ratio_within,
-    write_report,
 )
 
 BARE_APP_DIR = BENCH_DIR / "bare_flower_app"
@@ -381,10 +381,7 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Report:
         bare = run_bare(sizes, model_dir, tmp / "bare")
         ours = run_ours(sizes, model_dir, tmp / "ours")
     report = build_report(sizes, quick, ours, bare, machine)
-    report.duration_s = time.perf_counter() - began
-    if out_dir is not None:
-        write_report(report, out_dir)
-    return report
+    return finish_report(report, began, out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -74,9 +74,9 @@ from benchmarks.common import (
     Result,
     benchmark_main,
     child_env,
+    finish_report,
     mlp_model_dir,
     summarize,
-    write_report,
 )
 from edge.process import ManagedProcess
 
@@ -797,10 +797,7 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Report:
         "rss_series_mb": rss_series,
         "output_separation": weights.separation,
     }
-    report.duration_s = time.perf_counter() - began
-    if out_dir is not None:
-        write_report(report, out_dir)
-    return report
+    return finish_report(report, began, out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -50,8 +50,8 @@ from benchmarks.common import (
     Result,
     arg_parser,
     child_env,
+    finish_report,
     percentile,
-    write_report,
 )
 from edge.agent import DEFAULT_STATUS_INTERVAL_S
 from edge.process import ManagedProcess
@@ -537,10 +537,7 @@ def run(quick: bool = False, out_dir: Path | None = None, sizes: Sizes | None = 
         "broker_stored": stored,
         "latency_s": lat,
     }
-    report.duration_s = time.perf_counter() - began
-    if out_dir is not None:
-        write_report(report, out_dir)
-    return report
+    return finish_report(report, began, out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

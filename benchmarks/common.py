@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,6 +316,15 @@ def write_report(report: Report, out_dir: Path = OUT_DIR) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     md_path.write_text(report.markdown(), encoding="utf-8")
     return json_path, md_path
+
+
+def finish_report(report: Report, began: float, out_dir: Path | None) -> Report:
+    """Stamp the wall time since ``began`` (``time.perf_counter()``) on ``report``, write it
+    to ``out_dir`` unless that is ``None``, and return it: the end of every ``run``."""
+    report.duration_s = time.perf_counter() - began
+    if out_dir is not None:
+        write_report(report, out_dir)
+    return report
 
 
 def load_report(path: Path) -> Report:
