@@ -31,7 +31,6 @@ import re
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from benchmarks.common import (
     REPO_ROOT,
     Report,
     Result,
+    SamplerThread,
     benchmark_main,
     finish_report,
     loopback_cloud,
@@ -87,13 +87,12 @@ class DeviceTrace:
     _offset: int = 0
 
 
-class Sampler:
+class Sampler(SamplerThread):
     """Every 50 ms: RSS summed over each device's process tree, and new SuperNode log lines."""
 
     def __init__(self, devices: list[DeviceTrace]) -> None:
         self.devices = devices
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
         self.overruns = 0
 
     def _rss(self, device: DeviceTrace) -> int:
@@ -147,14 +146,6 @@ class Sampler:
             if spent > SAMPLE_EVERY_S:
                 self.overruns += 1
             self._stop.wait(max(0.0, SAMPLE_EVERY_S - spent))
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 @dataclass

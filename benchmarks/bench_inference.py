@@ -36,7 +36,6 @@ import logging
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from benchmarks.common import (
     REPO_ROOT,
     Report,
     Result,
+    SamplerThread,
     benchmark_main,
     child_env,
     finish_report,
@@ -148,15 +148,14 @@ def _time_start(
     return proc, elapsed
 
 
-class RssSampler:
+class RssSampler(SamplerThread):
     """Samples a process's RSS every ``interval`` seconds in a thread; keeps the peak."""
 
     def __init__(self, pid: int, interval: float = 0.05) -> None:
         self._proc = psutil.Process(pid)
         self._interval = interval
-        self._stop = threading.Event()
+        super().__init__()
         self.samples: list[int] = []
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -165,14 +164,6 @@ class RssSampler:
             except psutil.Error:
                 return
             self._stop.wait(self._interval)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
     @property
     def peak_mb(self) -> float:

@@ -72,6 +72,7 @@ from benchmarks.common import (
     REPO_ROOT,
     Report,
     Result,
+    SamplerThread,
     benchmark_main,
     child_env,
     finish_report,
@@ -243,15 +244,14 @@ def tree_rss_mb(pid: int) -> float:
     return total / 2**20
 
 
-class RssWatch:
+class RssWatch(SamplerThread):
     """Samples the tree RSS of some processes every ``interval`` seconds; keeps the peaks."""
 
     def __init__(self, pids: dict[str, int], interval: float = RSS_INTERVAL_S) -> None:
         self.pids = pids
         self.interval = interval
         self.samples: dict[str, list[tuple[float, float]]] = {name: [] for name in pids}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-watch", daemon=True)
+        super().__init__(name="rss-watch")
 
     def _run(self) -> None:
         t0 = time.perf_counter()
@@ -262,14 +262,6 @@ class RssWatch:
                 except psutil.Error:
                     continue
             self._stop.wait(self.interval)
-
-    def __enter__(self) -> RssWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def peak(self, name: str) -> float:
         return max((mb for _, mb in self.samples[name]), default=0.0)

@@ -25,11 +25,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO_ROOT / "benchmarks"
@@ -316,6 +317,26 @@ def write_report(report: Report, out_dir: Path = OUT_DIR) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     md_path.write_text(report.markdown(), encoding="utf-8")
     return json_path, md_path
+
+
+class SamplerThread:
+    """A daemon thread running ``_run`` from ``__enter__`` until ``__exit__`` sets ``_stop``
+    and joins it: the life cycle of every benchmark's sampler (subclasses write ``_run``)."""
+
+    def __init__(self, name: str | None = None) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def finish_report(report: Report, began: float, out_dir: Path | None) -> Report:
