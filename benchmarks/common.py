@@ -406,7 +406,7 @@ MLP_BUILD_ARGS = (
     "--seed",
     "0",
 )
-"""The digits MLP the tests use (tests/fixtures/models.py ``MLP_ARGS``)."""
+"""The digits MLP the benchmarks and the tests use (tests/fixtures/models.py ``MLP_ARGS``)."""
 
 
 def mlp_model_dir(cache: Path = MODEL_CACHE) -> Path:
