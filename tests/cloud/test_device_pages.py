@@ -7,13 +7,10 @@ counts that never load every device).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 from fastapi.testclient import TestClient
 
-from cloud.registry import InvalidRecordError, Registry, sqlite_url
+from cloud.registry import InvalidRecordError, Registry
 from cloud.web import create_app
 from protos.codec import DeviceEvent, DeviceStatus
 
@@ -22,13 +19,6 @@ def _status(device: str, version: int, state: str = "SERVING", ts: int = 5000) -
     return DeviceStatus(
         device_id=device, fleet="demo", serving_version=version, state=state, timestamp_ms=ts
     )
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    reg = Registry(sqlite_url(tmp_path / "registry.db"))
-    yield reg
-    reg.close()
 
 
 @pytest.mark.parametrize("in_sql", [True, False], ids=["on-conflict", "row-by-row"])

@@ -15,7 +15,7 @@ import pytest
 
 from cloud.broker import Broker
 from cloud.fleet_monitor import MAX_REPORT_BYTES, FleetMonitor
-from cloud.registry import MAX_STATUS_AHEAD_MS, InvalidRecordError, Registry, sqlite_url
+from cloud.registry import MAX_STATUS_AHEAD_MS, InvalidRecordError, Registry
 from cloud.telemetry import EVENT_UNKNOWN_VERSION, TelemetryGate
 from cloud.web.app import build_overview
 from protos import codec, topics
@@ -51,13 +51,6 @@ def _wait(predicate: object, what: str, timeout: float = WAIT_S) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} within {timeout} s")
         time.sleep(0.1)
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    reg = Registry(sqlite_url(tmp_path / "registry.db"))
-    yield reg
-    reg.close()
 
 
 @pytest.fixture

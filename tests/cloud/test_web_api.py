@@ -93,13 +93,6 @@ def _populate(reg: Registry) -> int:
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    reg = Registry(sqlite_url(tmp_path / "registry.db"))
-    yield reg
-    reg.close()
-
-
-@pytest.fixture
 def actions() -> RecordingActions:
     return RecordingActions()
 

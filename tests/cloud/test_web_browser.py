@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from cloud.registry import Registry, sqlite_url
+from cloud.registry import Registry
 from cloud.web import WebServer, create_app
 from protos import wire_keys as keys
 from protos.codec import DeviceStatus
@@ -66,13 +66,6 @@ def browser() -> Iterator[Browser]:
             yield chromium
         finally:
             chromium.close()
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    reg = Registry(sqlite_url(tmp_path / "registry.db"))
-    yield reg
-    reg.close()
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from tests.cloud.test_web_browser import (  # noqa: F401 - fixtures used by name
     actions,
     browser,
     page,
-    registry,
     server,
 )
 
