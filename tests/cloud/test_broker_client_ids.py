@@ -22,10 +22,8 @@ from devices.secure_fleet import CLOUD_USER, render_acl
 from edge.agent import Agent, AgentSettings
 from edge.process import free_port
 from protos import codec, topics
-from tests.edge.test_agent import FLEET, WAIT_S, FleetKeys, StoreNode, fleet_keys, make_package
+from tests.fixtures.agents import FLEET, WAIT_S, FleetKeys, StoreNode, make_package
 from tests.fixtures.attacker import Attacker
-
-__all__ = ["fleet_keys"]
 
 PASSWORDS = {"dev-a": "pw-a", "dev-b": "pw-b", CLOUD_USER: "pw-cloud"}
 TAKEOVERS = 5

@@ -28,7 +28,7 @@ from cloud.fleet_monitor import FleetMonitor
 from cloud.publisher import Publisher
 from edge.agent import EVENT_INSTALLED, Agent, AgentSettings
 from protos import codec, signing
-from tests.edge.test_agent import make_package
+from tests.fixtures.agents import make_package
 
 FLEET = "stall"
 DEVICES = 300

@@ -19,19 +19,15 @@ from cloud.registry import MAX_STATUS_AHEAD_MS, InvalidRecordError, Registry
 from cloud.telemetry import EVENT_UNKNOWN_VERSION, TelemetryGate
 from cloud.web.app import build_overview
 from protos import codec, topics
-from tests.edge.test_agent import (
+from tests.fixtures.agents import (
     FLEET,
     WAIT_S,
     AgentFactory,
     FleetKeys,
     StoreNode,
-    agent_factory,
-    fleet_keys,
     publish,
 )
 from tests.fixtures.attacker import Attacker
-
-__all__ = ["agent_factory", "fleet_keys"]
 
 YEAR_2100_MS = 4_102_444_800_000
 TEN_MB = 10 * 1024 * 1024

@@ -15,21 +15,16 @@ from cloud.broker import Broker, write_password_file
 from cloud.fleet_monitor import FleetMonitor
 from cloud.publisher import Publisher, PublishError
 from protos import codec, signing, topics
-from tests.edge.test_agent import (
+from tests.fixtures.agents import (
     FLEET,
     WAIT_S,
     AgentFactory,
     FleetKeys,
     StoreNode,
-    agent_factory,
-    fleet_keys,
     make_package,
     publish,
 )
 from tests.fixtures.broker import BrokerFactory
-
-# Fixtures used here by name (pytest finds them in this module's namespace).
-__all__ = ["agent_factory", "fleet_keys"]
 
 
 def retained(broker: Broker, topic_filter: str) -> dict[str, bytes]:

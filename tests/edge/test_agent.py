@@ -1,166 +1,37 @@
 """The device agent against a real Mosquitto: releases reach every device, late or offline.
 
-Devices are :class:`StoreNode` objects: a small real implementation of
-``edge.agent.ReleaseInstaller`` backed by the real on-disk ``edge.model_store.ModelStore``
-(without the inference and training services of ``edge.node.EdgeNode``). The cloud side is the real :class:`cloud.publisher.Publisher`; convergence is
-observed through the real :class:`cloud.fleet_monitor.FleetMonitor`.
+Devices are :class:`StoreNode` objects (tests/fixtures/agents.py): a small real
+implementation of ``edge.agent.ReleaseInstaller`` backed by the real on-disk
+``edge.model_store.ModelStore`` (without the inference and training services of
+``edge.node.EdgeNode``). The cloud side is the real :class:`cloud.publisher.Publisher`;
+convergence is observed through the real :class:`cloud.fleet_monitor.FleetMonitor`.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud.broker import Broker
 from cloud.fleet_monitor import FleetMonitor
-from cloud.publisher import Publisher
-from edge.agent import EVENT_INSTALLED, STATE_SEQUENCE_KEY, Agent, AgentSettings
-from edge.errors import ConfigError, InstallError
-from edge.model_store import ModelStore
+from edge.agent import EVENT_INSTALLED, STATE_SEQUENCE_KEY, AgentSettings
+from edge.errors import ConfigError
 from edge.mqtt_util import backoff_delay
-from protos import codec, signing
+from tests.fixtures.agents import (
+    FLEET,
+    WAIT_S,
+    AgentFactory,
+    FleetKeys,
+    StoreNode,
+    fleet_keys,
+    make_package,
+    publish,
+)
 
-FLEET = "lab"
-WAIT_S = 20.0
-
-
-# --- helpers shared by the agent, publisher and monitor tests ------------------------------
-
-
-class StoreNode:
-    """A device whose releases and agent state live in a real :class:`ModelStore`.
-
-    It implements ``edge.agent.ReleaseInstaller`` without the inference/training
-    services of ``edge.node.EdgeNode``: enough to observe what the agent installs.
-    """
-
-    def __init__(self, device_id: str, root: Path, *, fleet: str = FLEET) -> None:
-        self.device_id = device_id
-        self.fleet = fleet
-        self.store = ModelStore(root / device_id)
-        self.installed: list[int] = []
-        self.fail_installs = False
-
-    def serving_version(self) -> int:
-        return self.store.current_version() or 0
-
-    def install_release(self, version: int, data: bytes, sha256: str) -> None:
-        codec.package_from_bytes(data)  # a real device refuses an unparsable package
-        if self.fail_installs:
-            raise InstallError(f"cannot store version {version}: disk full (test node)")
-        self.store.install(version, data, sha256)
-        self.installed.append(version)
-
-    def status(self) -> codec.DeviceStatus:
-        version = self.serving_version()
-        return codec.DeviceStatus(
-            device_id=self.device_id,
-            fleet=self.fleet,
-            serving_version=version,
-            state="SERVING" if version else "DEGRADED",
-            timestamp_ms=0,
-        )
-
-    def read_state(self) -> dict[str, Any]:
-        return self.store.read_state()
-
-    def write_state(self, state: dict[str, Any]) -> None:
-        self.store.write_state(state)
-
-
-def make_package(version: int, *, size: int = 4096) -> bytes:
-    """A small, valid, version-specific release artifact of roughly ``size`` bytes."""
-    rng = np.random.default_rng(version)
-    return codec.package_to_bytes(
-        codec.ModelPackage(
-            architecture_id="mlp-test",
-            tflite=rng.bytes(size),
-            card_json='{"name": "test"}',
-            weights={"dense/kernel": rng.standard_normal((4, 3)).astype(np.float32)},
-        )
-    )
-
-
-@dataclass
-class FleetKeys:
-    private: Ed25519PrivateKey
-    public_path: Path
-
-
-@pytest.fixture
-def fleet_keys(tmp_path: Path) -> FleetKeys:
-    key = signing.generate_private_key()
-    path = tmp_path / "keys" / "fleet.pub"
-    signing.write_public_key(key.public_key(), path)
-    return FleetKeys(key, path)
-
-
-AgentFactory = Callable[..., Agent]
-
-
-@pytest.fixture
-def agent_factory(broker: Broker, fleet_keys: FleetKeys) -> Iterator[AgentFactory]:
-    """Start agents on the test broker; every one still running is stopped at teardown."""
-    started: list[Agent] = []
-
-    def start(node: StoreNode, *, on: Broker | None = None, **overrides: Any) -> Agent:
-        b = on or broker
-        options: dict[str, Any] = {
-            "device_id": node.device_id,
-            "fleet": node.fleet,
-            "host": b.host,
-            "port": b.port,
-            "signing_public_key": fleet_keys.public_path,
-            "status_interval_s": 1.0,
-            "reconnect_min_s": 0.2,
-            "reconnect_max_s": 2.0,
-        }
-        options.update(overrides)
-        agent = Agent(AgentSettings(**options), node).start()
-        started.append(agent)
-        assert agent.wait_connected(WAIT_S)
-        return agent
-
-    yield start
-    for agent in started:
-        agent.stop()
-
-
-@pytest.fixture
-def monitor(broker: Broker) -> Iterator[FleetMonitor]:
-    mon = FleetMonitor(host=broker.host, port=broker.port, fleet=FLEET).start()
-    yield mon
-    mon.stop()
-
-
-def publish(
-    broker: Broker, keys: FleetKeys, version: int, *, chunk_size: int = 1024, **kw: Any
-) -> codec.Manifest:
-    """Publish ``make_package(version)`` with a fresh publisher (like a cloud process would)."""
-    with Publisher(
-        host=broker.host,
-        port=broker.port,
-        fleet=FLEET,
-        signing_key=keys.private,
-        chunk_size=chunk_size,
-        timeout_s=WAIT_S,
-    ) as pub:
-        return pub.publish_release(
-            version=version,
-            parent_version=kw.pop("parent_version", version - 1),
-            round=version,
-            package=make_package(version, size=kw.pop("size", 4096)),
-            architecture_id="mlp-test",
-            metrics={"accuracy": 0.9},
-            **kw,
-        )
+# Still imported from here by tests/e2e/test_bridges.py (the fixture among them).
+__all__ = ["FLEET", "fleet_keys", "make_package"]
 
 
 # --- tests ------------------------------------------------------------------------------

@@ -27,20 +27,15 @@ from edge.agent import (
     STATE_CANDIDATE_SEQUENCE_KEY,
 )
 from protos import codec, cohort, signing, topics
-from tests.edge.test_agent import (
+from tests.fixtures.agents import (
     FLEET,
     WAIT_S,
     AgentFactory,
     FleetKeys,
     StoreNode,
-    agent_factory,
-    fleet_keys,
     make_package,
-    monitor,
     publish,
 )
-
-__all__ = ["agent_factory", "fleet_keys", "monitor"]
 
 
 class CandidateNode(StoreNode):

@@ -17,21 +17,15 @@ from cloud.registry import Registry, sqlite_url
 from edge.agent import EVENT_CHUNK_REJECTED, EVENT_INSTALL_FAILED, EVENT_REJECTED
 from edge.process import ManagedProcess
 from protos import codec, signing, topics
-from tests.edge.test_agent import (
+from tests.fixtures.agents import (
     FLEET,
     WAIT_S,
     AgentFactory,
     FleetKeys,
     StoreNode,
-    agent_factory,
-    fleet_keys,
     make_package,
-    monitor,
     publish,
 )
-
-# Fixtures used here by name (pytest finds them in this module's namespace).
-__all__ = ["agent_factory", "fleet_keys", "monitor"]
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -22,21 +22,16 @@ from edge.agent import EVENT_INSTALLED, EVENT_REJECTED, AgentSettings
 from edge.config import load_settings
 from edge.errors import ConfigError
 from protos import codec, signing, topics
-from tests.edge.test_agent import (
+from tests.fixtures.agents import (
     FLEET,
     WAIT_S,
     AgentFactory,
     FleetKeys,
     StoreNode,
-    agent_factory,
-    fleet_keys,
     make_package,
-    monitor,
     publish,
 )
 from tests.fixtures.attacker import Attacker
-
-__all__ = ["agent_factory", "fleet_keys", "monitor"]
 
 CHUNK = 1024
 
@@ -168,9 +163,7 @@ def test_a_sequence_the_cloud_never_issued_does_not_lock_out_later_releases(
         for i, chunk in enumerate(chunks):
             evil.publish(topics.release_chunk(FLEET, 99, i), chunk, retain=True)
         evil.publish(topics.release_manifest(FLEET), codec.manifest_to_bytes(forged), retain=True)
-    refused = monitor.wait_for_event(
-        lambda e: e.kind == EVENT_REJECTED and e.version == 99, WAIT_S
-    )
+    refused = monitor.wait_for_event(lambda e: e.kind == EVENT_REJECTED and e.version == 99, WAIT_S)
     assert "ahead of this device's clock" in refused.detail
     assert 99 not in node.installed
 
@@ -178,9 +171,7 @@ def test_a_sequence_the_cloud_never_issued_does_not_lock_out_later_releases(
     publish(broker, fleet_keys, 2, chunk_size=CHUNK)
     monitor.wait_for_fleet_version(2, ["dev-0"], WAIT_S)
     assert node.installed == [1, 2]
-    assert monitor.wait_for_event(
-        lambda e: e.kind == EVENT_INSTALLED and e.version == 2, WAIT_S
-    )
+    assert monitor.wait_for_event(lambda e: e.kind == EVENT_INSTALLED and e.version == 2, WAIT_S)
 
 
 def test_the_floor_comes_from_the_bundle_config_and_the_cloud_registry(
