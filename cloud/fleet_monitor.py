@@ -35,7 +35,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
-from types import TracebackType
 from typing import TypeVar
 
 import paho.mqtt.client as mqtt
@@ -163,12 +162,7 @@ class FleetMonitor:
     def __enter__(self) -> FleetMonitor:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     # -- network thread ------------------------------------------------------------------
