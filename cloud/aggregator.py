@@ -273,11 +273,12 @@ class Aggregator:
         learned as it arrives.
         """
         targets = [m.metadata.dst_node_id for m in messages]
-        waiting = {
-            mid: node
-            for mid, node in zip(grid.push_messages(messages), targets, strict=True)
-            if mid
-        }
+        ids = list(grid.push_messages(messages))
+        if len(ids) != len(targets) or not all(ids):
+            # Flower returns no id for a message it refused (and none at all for a push
+            # too large): those nodes count as not answering.
+            logger.error("the SuperLink took %d of %d messages", sum(map(bool, ids)), len(targets))
+        waiting = {mid: node for mid, node in zip(ids, targets, strict=False) if mid}
         replies: dict[int, Message] = {}
         deadline = time.monotonic() + timeout
         while waiting:
