@@ -182,9 +182,9 @@ def _cloud(work: Path, sizes: Sizes, model_dir: Path) -> Any:
 def run_design(design: str, sizes: Sizes, model_dir: Path, work: Path) -> Design:
     """Run one federation with devices of ``design`` ("new" or "old"); stop it all."""
     from cloud.supervisor import CloudStack
-    from devices.emulate import EmulatedFleet, FleetSpec
+    from devices.emulate import EmulatedFleet, stack_fleet_spec
     from edge.flower_node import SuperNode
-    from edge.process import ManagedProcess, connect_host
+    from edge.process import ManagedProcess
 
     settings = _cloud(work, sizes, model_dir)
     stack = CloudStack(settings)
@@ -193,14 +193,10 @@ def run_design(design: str, sizes: Sizes, model_dir: Path, work: Path) -> Design
     traces: list[DeviceTrace] = []
     try:
         stack.start()
-        spec = FleetSpec(
-            fleet=settings.cloud.fleet,
-            broker_host=connect_host(settings.broker.host),
-            broker_port=stack.runtime_settings.broker.port,
+        spec = stack_fleet_spec(
+            settings,
+            stack,
             superlink=stack.superlink.address,  # type: ignore[union-attr]
-            signing_public_key=settings.signing.public_key,
-            initial_package=settings.data_dir / "initial.pkg",
-            card_json=(settings.model.dir / "card.json").read_text(),
             scheme="iid",
             seed=SEED,
         )

@@ -202,8 +202,7 @@ def run_bare(sizes: Sizes, model_dir: Path, work: Path) -> Federation:
 def run_ours(sizes: Sizes, model_dir: Path, work: Path) -> Federation:
     """Run a real edgefl federation (CloudStack + N emulated devices); stop it all."""
     from cloud.supervisor import CloudStack
-    from devices.emulate import EmulatedFleet, FleetSpec
-    from edge.process import connect_host
+    from devices.emulate import EmulatedFleet, stack_fleet_spec
 
     settings = loopback_cloud(
         work,
@@ -222,17 +221,7 @@ def run_ours(sizes: Sizes, model_dir: Path, work: Path) -> Federation:
     fleet: EmulatedFleet | None = None
     try:
         stack.start()
-        spec = FleetSpec(
-            fleet=settings.cloud.fleet,
-            broker_host=connect_host(settings.broker.host),
-            broker_port=stack.runtime_settings.broker.port,
-            superlink=stack.fleet_address,
-            signing_public_key=settings.signing.public_key,
-            initial_package=settings.data_dir / "initial.pkg",
-            card_json=(settings.model.dir / "card.json").read_text(),
-            scheme="iid",
-            seed=SEED,
-        )
+        spec = stack_fleet_spec(settings, stack, scheme="iid", seed=SEED)
         fleet = EmulatedFleet(spec, work / "devices", sizes.devices)
         fleet.prepare()
         fleet.start()

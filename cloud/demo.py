@@ -35,8 +35,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from cloud import config as cloud_config
     from cloud.commands import SPREAD_WAIT_S, progress_line, wait_for_spread
     from cloud.supervisor import CloudStack, init_cloud, read_token
-    from devices.emulate import EmulatedFleet, FleetSpec
-    from edge.process import connect_host
+    from devices.emulate import EmulatedFleet, stack_fleet_spec
 
     work = Path(args.dir).resolve()
     started = time.monotonic()
@@ -76,15 +75,9 @@ def run_demo(args: argparse.Namespace) -> int:
         _print(
             f"    web UI: {stack.web.url}   (operator token in {settings.web.operator_token_file})"
         )
-        card_json = (settings.model.dir / "card.json").read_text()
-        spec = FleetSpec(
-            fleet=settings.cloud.fleet,
-            broker_host=connect_host(settings.broker.host),
-            broker_port=stack.runtime_settings.broker.port,
-            superlink=stack.fleet_address,
-            signing_public_key=settings.signing.public_key,
-            initial_package=settings.data_dir / "initial.pkg",
-            card_json=card_json,
+        spec = stack_fleet_spec(
+            settings,
+            stack,
             scheme="iid" if args.iid else "dirichlet",
             alpha=args.alpha,
             seed=args.seed,

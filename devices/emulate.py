@@ -15,9 +15,13 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from edge.process import ManagedProcess, ProcessError
+from edge.process import ManagedProcess, ProcessError, connect_host
+
+if TYPE_CHECKING:
+    from cloud.config import CloudSettings
+    from cloud.supervisor import CloudStack
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,23 @@ class FleetSpec:
     seed: int = 0
     status_interval_s: float = 2.0
     profile: str = "x86-64-gateway"
+
+
+def stack_fleet_spec(
+    settings: CloudSettings, stack: CloudStack, *, superlink: str | None = None, **options: Any
+) -> FleetSpec:
+    """The spec of a fleet for a started local ``CloudStack``: its broker, signing key,
+    initial package and model card, and its Fleet API (``superlink``: another address)."""
+    return FleetSpec(
+        fleet=settings.cloud.fleet,
+        broker_host=connect_host(settings.broker.host),
+        broker_port=stack.runtime_settings.broker.port,
+        superlink=superlink or stack.fleet_address,
+        signing_public_key=settings.signing.public_key,
+        initial_package=settings.data_dir / "initial.pkg",
+        card_json=(settings.model.dir / "card.json").read_text(),
+        **options,
+    )
 
 
 def write_device_config(spec: FleetSpec, name: str, root: Path) -> Path:
