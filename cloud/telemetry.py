@@ -41,6 +41,9 @@ EVENT_UNKNOWN_VERSION = "unknown_version"
 EVENT_INSTALLED = "release_installed"
 #: Least seconds between two reloads of the known devices after a miss.
 REFRESH_S = 1.0
+#: Least seconds between two warnings about the same unknown device (it reports every few
+#: seconds; one line a minute says it is still there without flooding the log).
+WARN_EVERY_S = 60.0
 
 
 def enrolled_devices(data_dir: Path) -> Callable[[], set[str]]:
@@ -81,6 +84,7 @@ class TelemetryGate:
         self._known_at = self._versions_at = -REFRESH_S
         #: Reports dropped because their device is not known.
         self.dropped = 0
+        self._warned_at: dict[str, float] = {}
 
     def _is_known(self, device_id: str) -> bool:
         if self._enrolled is not None:
@@ -105,7 +109,21 @@ class TelemetryGate:
 
     def _drop(self, what: str, device_id: str) -> None:
         self.dropped += 1
-        logger.warning("ignoring a %s from %r: not a device of this fleet", what, device_id)
+        now = time.monotonic()
+        with self._lock:
+            last = self._warned_at.get(device_id)
+            if last is not None and now - last < WARN_EVERY_S:
+                return
+            if len(self._warned_at) >= 10_000:  # a flood of made-up ids must not grow this
+                self._warned_at.clear()
+            self._warned_at[device_id] = now
+        logger.warning(
+            "ignoring a %s from %r: not a device of this fleet (in the default fleet a "
+            "device is known once it has answered a round; said again at most every %.0f s)",
+            what,
+            device_id,
+            WARN_EVERY_S,
+        )
 
     def on_statuses(self, statuses: list[codec.DeviceStatus]) -> None:
         """Record a batch of statuses (oldest first) in one registry transaction."""

@@ -7,6 +7,7 @@ publish anything anywhere (the default fleet has no broker access control).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,3 +196,21 @@ def test_a_ten_megabyte_payload_is_neither_forwarded_nor_retained(broker: Broker
     with Attacker(broker.host, broker.port, client_id="reader") as reader:
         held = reader.retained("#")
     assert held == [("anything/small", b"ok")]
+
+
+def test_an_unknown_device_is_reported_once_a_minute_not_at_every_status(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = TelemetryGate(registry)
+    now = int(time.time() * 1000)
+    with caplog.at_level(logging.WARNING, logger="cloud.telemetry"):
+        for i in range(20):
+            gate.on_statuses([codec.status_from_bytes(_status("ghost", now + i))])
+            gate.on_status(codec.status_from_bytes(_status("other-ghost", now + i)))
+    warned = [
+        r.getMessage() for r in caplog.records if "not a device of this fleet" in r.getMessage()
+    ]
+    assert gate.dropped == 40  # every report is still dropped and counted
+    assert len(warned) == 2, warned
+    assert "'ghost'" in warned[0] and "'other-ghost'" in warned[1]
+    assert registry.list_devices() == []
