@@ -100,7 +100,7 @@ def test_a_broker_back_from_an_older_autosave_gets_the_current_release_again(
     stack.broker.process.kill()
     deadline = time.monotonic() + 60
     while not (
-        (p := stack.broker.process) is not None and p.pid != old_pid and p.alive() and restored
+        (p := stack.broker.process) is not None and p.alive() and p.pid != old_pid and restored
     ):
         assert time.monotonic() < deadline, "the watchdog did not restart the broker"
         time.sleep(0.2)

@@ -235,16 +235,17 @@ class Soak:
             raise AssertionError(f"unknown fault {fault}")
 
     def _healed_cloud(self, fault: Fault, broker_pid: int, link_pid: int) -> None:
-        # A restart starts a new process object: read it anew each time.
+        # A restart makes a new process object, not started yet for a moment: read it
+        # anew each time, and ask whether it runs before asking its PID.
         if fault.kind == "broker":
             self._wait(
-                lambda: (p := self.stack.broker.process).pid != broker_pid and p.alive(),
+                lambda: (p := self.stack.broker.process).alive() and p.pid != broker_pid,
                 f"{fault}: broker restarted",
             )
             assert wait_gone({broker_pid}) == set()
         else:
             self._wait(
-                lambda: (p := self.stack.superlink.process).pid != link_pid and p.alive(),
+                lambda: (p := self.stack.superlink.process).alive() and p.pid != link_pid,
                 f"{fault}: SuperLink restarted",
             )
             assert wait_gone({link_pid}) == set()
