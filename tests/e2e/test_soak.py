@@ -18,6 +18,9 @@ versions are contiguous, one per round at most, each one released, the newest is
 current one and every device serves it, and no process of the test outlives it.
 
 The seed is printed (and named in every failure); ``EDGEFL_SOAK_SEED=<n>`` replays one.
+Without it the test runs :data:`DEFAULT_SEED`, so CI runs one known matrix and a red run
+is the code's doing, not a new draw; ``EDGEFL_SOAK_SEED=random`` draws a fresh seed (to
+explore: seeds 1, 2, 116547 and 910341 passed when this was written).
 """
 
 from __future__ import annotations
@@ -91,9 +94,15 @@ def fault_plan(seed: int, count: int = FAULTS) -> list[Fault]:
     return plan
 
 
+#: The matrix CI runs (see the module docstring).
+DEFAULT_SEED = 2
+
+
 def _seed() -> int:
     value = os.environ.get("EDGEFL_SOAK_SEED", "")
-    return int(value) if value else random.SystemRandom().randrange(1_000_000)
+    if value == "random":
+        return random.SystemRandom().randrange(1_000_000)
+    return int(value) if value else DEFAULT_SEED
 
 
 class Descendants:
