@@ -13,6 +13,7 @@ TensorFlow, in a subprocess) only when the cache does not hold it.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import dataclasses
 import datetime
@@ -319,7 +320,7 @@ def write_report(report: Report, out_dir: Path = OUT_DIR) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-class SamplerThread:
+class SamplerThread(abc.ABC):
     """A daemon thread running ``_run`` from ``__enter__`` until ``__exit__`` sets ``_stop``
     and joins it: the life cycle of every benchmark's sampler (subclasses write ``_run``)."""
 
@@ -327,8 +328,8 @@ class SamplerThread:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def _run(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _run(self) -> None: ...
 
     def __enter__(self) -> Self:
         self._thread.start()

@@ -8,6 +8,7 @@ status record's fields, so a new status field reaches the API without a copy her
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import typing
 from typing import Any
@@ -88,11 +89,11 @@ class RoundMetricsFields(BaseModel):
     and which the cloud's evaluation; the UI reads these fields, never metric names.
     """
 
-    def _training(self) -> dict[str, float]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _training(self) -> dict[str, float]: ...
 
-    def _evaluation(self) -> dict[str, float]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _evaluation(self) -> dict[str, float]: ...
 
     @computed_field(description="Training loss aggregated over the round's replies.")  # type: ignore[prop-decorator]
     @property
