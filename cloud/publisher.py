@@ -270,6 +270,34 @@ class Publisher:
             what,
         )
 
+    def _manifest(
+        self,
+        package: bytes,
+        chunks: list[bytes],
+        version: int,
+        parent_version: int,
+        round: int,
+        architecture_id: str,
+        metrics: dict[str, float] | None,
+        **fields: Any,
+    ) -> codec.Manifest:
+        """The manifest of ``package`` split into ``chunks``; ``fields`` are its role's own
+        (``pinned`` for a release; phase, cohort, action and served version for a candidate)."""
+        return codec.Manifest(
+            fleet=self.fleet,
+            version=version,
+            parent_version=parent_version,
+            round=round,
+            created_at_ms=0,
+            architecture_id=architecture_id,
+            artifact_sha256=codec.sha256_hex(package),
+            artifact_size=len(package),
+            chunk_size=self.chunk_size,
+            chunk_sha256=tuple(codec.sha256_hex(c) for c in chunks),
+            metrics=dict(metrics or {}),
+            **fields,
+        )
+
     def _signed(self, unsigned: codec.Manifest) -> codec.Manifest:
         """``unsigned`` stamped (time, next sequence), signed, and checked as a device would."""
         manifest = signing.sign_manifest(
@@ -304,21 +332,11 @@ class Publisher:
         chunks = codec.split_chunks(package, self.chunk_size)
         self._publish_chunks(version, chunks, f"release {version} chunks")
         manifest = self._signed(
-            codec.Manifest(
-                fleet=self.fleet,
-                version=version,
-                parent_version=parent_version,
-                round=round,
-                created_at_ms=0,
-                architecture_id=architecture_id,
-                artifact_sha256=codec.sha256_hex(package),
-                artifact_size=len(package),
-                chunk_size=self.chunk_size,
-                chunk_sha256=tuple(codec.sha256_hex(c) for c in chunks),
-                metrics=dict(metrics or {}),
+            self._manifest(
+                package, chunks, version, parent_version, round, architecture_id, metrics,
                 pinned=pinned,
             )
-        )
+        )  # fmt: skip
         self._publish_all(
             [(topics.release_manifest(self.fleet), codec.manifest_to_bytes(manifest))],
             f"release {version} manifest",
@@ -371,24 +389,12 @@ class Publisher:
         if with_chunks:
             self._publish_chunks(version, chunks, f"candidate {version} chunks")
         manifest = self._signed(
-            codec.Manifest(
-                fleet=self.fleet,
-                version=version,
-                parent_version=parent_version,
-                round=round,
-                created_at_ms=0,
-                architecture_id=architecture_id,
-                artifact_sha256=codec.sha256_hex(package),
-                artifact_size=len(package),
-                chunk_size=self.chunk_size,
-                chunk_sha256=tuple(codec.sha256_hex(c) for c in chunks),
-                metrics=dict(metrics or {}),
-                phase=phase,
-                cohort_ppm=cohort_ppm,
-                action=action,
+            self._manifest(
+                package, chunks, version, parent_version, round, architecture_id, metrics,
+                phase=phase, cohort_ppm=cohort_ppm, action=action,
                 served_version=served_version,
             )
-        )
+        )  # fmt: skip
         self._publish_all(
             [(topics.release_candidate(self.fleet), codec.manifest_to_bytes(manifest))],
             f"candidate {version} manifest",
