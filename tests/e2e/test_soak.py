@@ -106,11 +106,16 @@ def _seed() -> int:
 
 
 class Descendants:
-    """Every process ever started under this test process, sampled every 0.2 s."""
+    """Every process started under this test process while in the block, sampled every 0.2 s.
+
+    Children that were already running when the block was entered (a session-wide PostgreSQL
+    server started for an earlier test, say) are not the test's and are left out.
+    """
 
     def __init__(self) -> None:
         #: (pid, start time) -> command line: a PID reused later is another process.
         self.seen: dict[tuple[int, float], str] = {}
+        self._before: set[tuple[int, float]] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -120,7 +125,7 @@ class Descendants:
             for child in me.children(recursive=True):
                 try:
                     key = (child.pid, child.create_time())
-                    if key not in self.seen:
+                    if key not in self.seen and key not in self._before:
                         self.seen[key] = " ".join(child.cmdline()[:3])
                 except psutil.Error:
                     continue
@@ -138,6 +143,11 @@ class Descendants:
         return left
 
     def __enter__(self) -> Descendants:
+        for child in psutil.Process().children(recursive=True):
+            try:
+                self._before.add((child.pid, child.create_time()))
+            except psutil.Error:
+                continue
         self._thread.start()
         return self
 
