@@ -117,7 +117,13 @@ def test_a_broker_back_from_an_older_autosave_gets_the_current_release_again(
         seen = _retained_version(port, fleet_name)
     assert seen == v2, f"after the restart the retained manifest is version {seen}, not {v2}"
     assert stack.registry.current().version == v2  # type: ignore[union-attr]
+    # The event is recorded once the republish is acknowledged, a moment after its manifest
+    # is retained (what the subscriber above already saw): wait for it, do not race it.
+    deadline = time.monotonic() + 30
     kinds = [e.kind for e in stack.registry.list_events(200)]
+    while REPUBLISHED_EVENT_KIND not in kinds and time.monotonic() < deadline:
+        time.sleep(0.2)
+        kinds = [e.kind for e in stack.registry.list_events(200)]
     assert REPUBLISHED_EVENT_KIND in kinds, kinds
 
     # A device with no model yet installs what the broker holds: the current release.
