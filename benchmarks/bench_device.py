@@ -256,8 +256,8 @@ def run_design(design: str, sizes: Sizes, model_dir: Path, work: Path) -> Design
 
                 serve.wait_until(ready, timeout=120, what="serving")
                 node.node_config["trainer-address"] = device_trainer_address(data_dir, match[0])
-                node.start()
                 legacy.append(node)
+                node.start_with_retries()
         with Sampler(traces) as sampler:
             status = stack.wait_for_run(timeout=RUN_TIMEOUT_S)
             time.sleep(1.0)

@@ -18,6 +18,7 @@ import argparse
 import datetime
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -155,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  done in {seconds:.0f} s", flush=True)
         else:
             failures[name] = f"exit code {code}\n{output}"
-            print(f"  FAILED (exit code {code}) after {seconds:.0f} s", flush=True)
+            print(f"  FAILED (exit code {code}) after {seconds:.0f} s; the end of its output:")
+            print(textwrap.indent(output.rstrip(), "    | "), flush=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(
         render(reports, failures, args.quick, machine, args.note), encoding="utf-8"

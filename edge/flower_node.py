@@ -24,6 +24,9 @@ from edge.process import ManagedProcess, ProcessError, connect_host, free_port, 
 
 logger = logging.getLogger(__name__)
 
+#: Tries :meth:`SuperNode.start_with_retries` makes before it gives up.
+START_ATTEMPTS = 3
+
 
 class FlowerError(EdgeError, RuntimeError):
     """A Flower process did not start, or a Flower CLI call failed."""
@@ -308,6 +311,31 @@ class SuperNode:
             self.process.stop()
             raise FlowerError(str(exc)) from exc
         return self
+
+    def start_with_retries(
+        self, *, attempts: int = START_ATTEMPTS, fixed_port: bool = False
+    ) -> SuperNode:
+        """:meth:`start`, with up to ``attempts`` tries.
+
+        A free port taken by someone else meanwhile gets another port; a SuperNode that
+        exits while starting is started again (Flower 1.42's ``flower-supernode`` has been
+        seen to abort at start-up with "epoll_wait error: Bad file descriptor", exit -6,
+        where a rerun started normally). A ``fixed_port`` that is taken is an operator's
+        problem: that is raised at once.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                return self.start()
+            except FlowerError as exc:
+                port_taken = "address already in use" in str(exc)
+                if attempt == attempts or (port_taken and fixed_port):
+                    raise
+                if port_taken:
+                    logger.warning("runtime port %d was taken; trying another", self.port)
+                    self.port = free_port()
+                else:
+                    logger.warning("the SuperNode did not start (%s); starting it again", exc)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def stop(self) -> None:
         if self.process is not None:

@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge.errors import ConfigError
-from edge.flower_node import FlowerError, SuperNode
-from edge.process import free_port
+from edge.flower_node import SuperNode
 
 if TYPE_CHECKING:
     from edge.executor import TaskExecutor, Trust
@@ -45,8 +44,6 @@ logger = logging.getLogger(__name__)
 
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 300.0
-#: Tries at a free runtime port for the SuperNode (``[flower] port = 0``).
-PORT_ATTEMPTS = 3
 READY_LINE = "edgefl edge up: device {device} serving on {address}"
 
 
@@ -124,7 +121,7 @@ class DeviceSupervisor:
             **options,  # type: ignore[arg-type]
         )
         assert self.services is not None
-        self._start_node(fixed_port=bool(flower.port))
+        self.node.start_with_retries(fixed_port=bool(flower.port))
         app = EdgeClientApp(self.services.node.trainer, self.settings.device.id)
         self.executor = TaskExecutor(
             self.node.runtime_address,
@@ -140,30 +137,6 @@ class DeviceSupervisor:
             self.node.process.pid,  # type: ignore[union-attr]
             flower.superlink,
         )
-
-    def _start_node(self, *, fixed_port: bool) -> None:
-        """Start the SuperNode, with up to :data:`PORT_ATTEMPTS` tries.
-
-        A free port taken by someone else meanwhile gets another port; a SuperNode that
-        exits while starting is started again (Flower 1.42's ``flower-supernode`` has
-        been seen to abort at start-up with "epoll_wait error: Bad file descriptor", and
-        a rerun started normally). A fixed port that is taken is an operator's problem:
-        that is raised at once.
-        """
-        assert self.node is not None
-        for attempt in range(1, PORT_ATTEMPTS + 1):
-            try:
-                self.node.start()
-                return
-            except FlowerError as exc:
-                port_taken = "address already in use" in str(exc)
-                if attempt == PORT_ATTEMPTS or (port_taken and fixed_port):
-                    raise
-                if port_taken:
-                    logger.warning("runtime port %d was taken; trying another", self.node.port)
-                    self.node.port = free_port()
-                else:
-                    logger.warning("the SuperNode did not start (%s); starting it again", exc)
 
     def start(self) -> DeviceSupervisor:
         from edge.server import DeviceServices

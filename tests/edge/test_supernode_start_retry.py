@@ -4,7 +4,8 @@ Flower 1.42's ``flower-supernode`` has been seen to abort at start-up ("epoll_wa
 error: Bad file descriptor", exit -6) where a rerun started normally. Before, the
 device's ``edge up`` then failed to start at all. Here the first start runs a process
 that aborts the same way (SIGABRT before it listens); the supervisor must start the
-real SuperNode next and see it connect.
+real SuperNode next and see it connect. The device supervisor (``edge up``) and the device
+benchmark's old-design node both start their SuperNode this way.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from edge.errors import EdgeError
-from edge.flower_node import SuperNode
-from edge.supervisor import PORT_ATTEMPTS, DeviceSupervisor
+from edge.flower_node import START_ATTEMPTS, SuperNode
 from tests.fixtures.flower import wait_for_nodes
 
 ABORT = [sys.executable, "-c", "import os; os.abort()"]
@@ -35,16 +35,10 @@ class AbortingSuperNode(SuperNode):
         return ABORT if self.starts <= self.aborts else super().argv()
 
 
-def _supervisor_of(node: SuperNode) -> DeviceSupervisor:
-    supervisor = DeviceSupervisor.__new__(DeviceSupervisor)  # only its SuperNode start is used
-    supervisor.node = node
-    return supervisor
-
-
 def test_an_aborted_start_is_retried_and_the_node_connects(superlink, tmp_path: Path) -> None:
     node = AbortingSuperNode(superlink=superlink.address, data_dir=tmp_path / "node")
     try:
-        _supervisor_of(node)._start_node(fixed_port=False)
+        node.start_with_retries(fixed_port=False)
         assert node.starts == 2
         assert wait_for_nodes(superlink, 1)
         assert node.process is not None and node.process.returncode() is None
@@ -56,11 +50,11 @@ def test_a_node_that_keeps_aborting_is_an_error_after_the_last_try(
     superlink, tmp_path: Path
 ) -> None:
     node = AbortingSuperNode(
-        superlink=superlink.address, data_dir=tmp_path / "node", aborts=PORT_ATTEMPTS
+        superlink=superlink.address, data_dir=tmp_path / "node", aborts=START_ATTEMPTS
     )
     try:
         with pytest.raises(EdgeError, match="exited with code -6"):
-            _supervisor_of(node)._start_node(fixed_port=True)
-        assert node.starts == PORT_ATTEMPTS
+            node.start_with_retries(fixed_port=True)
+        assert node.starts == START_ATTEMPTS
     finally:
         node.stop()
