@@ -53,7 +53,7 @@ from typing import Any
 from cloud.config import CloudSettings
 from cloud.errors import CloudError
 from cloud.registry import Registry
-from cloud.rollout_policy import CheckReport, GateResult, evaluate_gate, phases_of
+from cloud.rollout_policy import CheckReport, GateResult, evaluate_gate, figures_so_far, phases_of
 from protos import codec, cohort
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,11 @@ class Phase:
             "passed": None if self.result is None else self.result.passed,
             "reason": None if self.result is None else self.result.reason,
             "figures": None if self.result is None else _finite(self.result.figures()),
+            "so_far": (
+                _finite(figures_so_far(self.reports, set(self.failed), self.cohort))
+                if self.result is None
+                else None
+            ),
         }
 
 

@@ -155,6 +155,36 @@ class GateResult:
         }
 
 
+def _accuracies(good: Mapping[str, CheckReport]) -> tuple[float, float]:
+    """(served, candidate) accuracy weighted by check samples; NaN without checks."""
+    total = sum(r.examples for r in good.values())
+    if not total:
+        return float("nan"), float("nan")
+    cand = sum(r.candidate_accuracy * r.examples for r in good.values()) / total
+    served = sum(r.served_accuracy * r.examples for r in good.values()) / total
+    return served, cand
+
+
+def figures_so_far(
+    reports: Mapping[str, CheckReport], failed: set[str], cohort: set[str]
+) -> dict[str, float]:
+    """The figures of a phase not decided yet: what its reports say so far.
+
+    Like :meth:`GateResult.figures`, with ``pending`` (devices of the phase that have
+    not answered yet) instead of ``silent``; failures count only reported ones.
+    """
+    good = {d: r for d, r in reports.items() if d not in failed}
+    served, cand = _accuracies(good)
+    return {
+        "checked": float(len(good)),
+        "failures": float(len(failed)),
+        "pending": float(len(cohort - set(good) - failed)),
+        "accuracy_drop": served - cand,
+        "candidate_accuracy": cand,
+        "served_accuracy": served,
+    }
+
+
 def evaluate_gate(
     section: Any,
     reports: Mapping[str, CheckReport],
@@ -165,13 +195,8 @@ def evaluate_gate(
     good = {d: r for d, r in reports.items() if d not in failed}
     silent = len(cohort - set(good) - failed)
     failures = len(failed) + (silent if section.silent_devices == "failure" else 0)
-    total = sum(r.examples for r in good.values())
-    if total:
-        cand = sum(r.candidate_accuracy * r.examples for r in good.values()) / total
-        served = sum(r.served_accuracy * r.examples for r in good.values()) / total
-    else:
-        cand = served = float("nan")
-    drop = served - cand if total else float("nan")
+    served, cand = _accuracies(good)
+    drop = served - cand
     if not good:
         passed, reason = False, "no device of the phase checked the candidate"
     elif failures > section.max_install_failures:

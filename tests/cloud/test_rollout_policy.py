@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cloud import config as cloud_config
-from cloud.rollout_policy import CheckReport, evaluate_gate, phases_of
+from cloud.rollout_policy import CheckReport, evaluate_gate, figures_so_far, phases_of
 from protos import cohort
 
 
@@ -164,6 +164,20 @@ def test_gate_counts_failures_and_silent_devices_as_the_policy_says() -> None:
     assert not counted.passed and counted.failures == 2
     failed = evaluate_gate(_policy(max_install_failures=0), reports, {"b"}, cohort_ids)
     assert not failed.passed and failed.failures == 1 and failed.silent == 1
+
+
+def test_figures_so_far_of_an_open_phase() -> None:
+    reports = {
+        "a": CheckReport("a", candidate_accuracy=0.90, served_accuracy=0.92, examples=100),
+        "b": CheckReport("b", candidate_accuracy=0.80, served_accuracy=0.90, examples=300),
+    }
+    so_far = figures_so_far(reports, {"c"}, {"a", "b", "c", "d", "e"})
+    assert (so_far["checked"], so_far["failures"], so_far["pending"]) == (2.0, 1.0, 2.0)
+    assert math.isclose(so_far["served_accuracy"], 0.905)
+    assert math.isclose(so_far["candidate_accuracy"], 0.825)
+    assert math.isclose(so_far["accuracy_drop"], 0.08)
+    nothing = figures_so_far({}, set(), {"a"})
+    assert nothing["pending"] == 1.0 and math.isnan(nothing["accuracy_drop"])
 
 
 def test_gate_without_any_check_fails() -> None:

@@ -87,6 +87,9 @@ def test_rollout_view_shows_the_phase_and_actions_need_the_token(wired) -> None:
     assert (active["version"], active["status"], active["served_version"]) == (2, "running", 1)
     phase = active["phases"][0]
     assert phase["cohort"] == ["d1"] and phase["checked"] == ["d1"] and phase["passed"] is None
+    assert phase["figures"] is None  # decided figures only once the gate decides
+    so_far = phase["so_far"]
+    assert (so_far["checked"], so_far["pending"], so_far["candidate_accuracy"]) == (1.0, 0.0, 0.9)
 
     path = f"/api/rollouts/{version}/promote"
     assert client.post(path).status_code == 401

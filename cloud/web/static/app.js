@@ -480,13 +480,25 @@
       : "Rollouts are not available on this server (or need the operator token).";
     const all = data ? data.history.slice().reverse() : [];
     if (data && data.active && data.active.status === "running") all.unshift(data.active);
+    const accuracy = (f) => "accuracy " + fmt(f.served_accuracy, 3) + " → " + fmt(f.candidate_accuracy, 3) +
+      " (drop " + fmt(f.accuracy_drop, 3) + "), " + f.failures + " failed";
+    /** The last phase's gate figures; while it runs, its checks so far, after the figures
+     * of the phase decided before it (so a passed phase's figures stay in view). */
+    function gateFigures(phases) {
+      const last = phases.length ? phases[phases.length - 1] : null;
+      if (!last) return "–";
+      if (last.figures) return accuracy(last.figures) + ", " + last.figures.silent + " silent";
+      const parts = [];
+      const decided = phases.slice(0, -1).filter((p) => p.figures).pop();
+      if (decided) parts.push("phase " + decided.phase + ": " + accuracy(decided.figures));
+      if (last.so_far && last.so_far.checked > 0) {
+        parts.push("so far: " + accuracy(last.so_far) + ", " + last.so_far.pending + " pending");
+      }
+      return parts.length ? parts.join("; ") : "–";
+    }
     const rows = all.map((r) => {
       const last = r.phases.length ? r.phases[r.phases.length - 1] : null;
-      const f = last && last.figures ? last.figures : null;
-      const figures = f
-        ? "accuracy " + fmt(f.served_accuracy, 3) + " → " + fmt(f.candidate_accuracy, 3) +
-          " (drop " + fmt(f.accuracy_drop, 3) + "), " + f.failures + " failed, " + f.silent + " silent"
-        : "–";
+      const figures = gateFigures(r.phases);
       const running = r.status === "running";
       const actions = running ? el("div", { className: "actions" },
         el("button", { type: "button", id: "promote-v" + r.version, className: "button button-small button-secondary rollout-button",
