@@ -410,6 +410,20 @@ class Publisher:
         )
         return manifest
 
+    def republish_candidate(self, manifest: codec.Manifest) -> None:
+        """Publish a candidate manifest signed earlier again, unchanged (same sequence).
+
+        Puts a broker that lost it (restarted from an older autosave) back in the state
+        it had; a device that already handled that sequence ignores it.
+        """
+        if not manifest.candidate:
+            raise ValueError(f"version {manifest.version}: not a candidate manifest")
+        self._ensure_connected()
+        self._publish_all(
+            [(topics.release_candidate(self.fleet), codec.manifest_to_bytes(manifest))],
+            f"candidate {manifest.version} manifest",
+        )
+
     def clear_candidate(self, version: int, chunk_count: int, *, keep_chunks: bool) -> None:
         """Clear the retained candidate manifest and, unless kept, its chunks."""
         self._ensure_connected()

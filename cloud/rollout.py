@@ -29,6 +29,12 @@ phase passed``, ``rollout phase failed``, ``rollout promoted``, ``rollout halted
 ``rollout rolled back``, ``rollout superseded``) whose detail is a JSON object with the
 figures.
 
+**Broker restarts.** A SIGKILLed Mosquitto comes back from its last autosave, which may
+have lost the candidate or its chunks, or hold an older one. The cloud's watchdog then
+calls :meth:`RolloutController.republish`, which puts the candidate topic back as the
+controller left it (``rollout republished``; retried at every tick until the broker
+takes it).
+
 **Training continues** while a rollout runs. A newer candidate **supersedes** an older
 one still in its phases: the older rollout ends (``rollout superseded``), the newer one
 starts at phase 1, and devices that serve the older, never-promoted candidate return to
@@ -64,6 +70,9 @@ EVENT_SOURCE = "cloud"
 TICK_S = 0.25
 #: Finished rollouts kept for ``status`` (newest last).
 HISTORY = 20
+
+#: Event kind of the candidate topic put back after a broker restart.
+REPUBLISHED_EVENT_KIND = "rollout republished"
 
 CHECKED = "candidate_checked"
 FAILED = "candidate_failed"
@@ -126,6 +135,8 @@ class Rollout:
     status: str = "running"  # running, promoted, halted, rolled back, superseded
     sequence: int = 0
     chunk_count: int = 0
+    #: The candidate manifest published last: what the candidate topic holds.
+    last_manifest: codec.Manifest | None = None
     started_wall: float = field(default_factory=time.time)
     finished_wall: float | None = None
 
@@ -180,6 +191,7 @@ class RolloutController:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pub: Any = None
+        self._republish_pending = False
 
     @property
     def staged(self) -> bool:
@@ -269,9 +281,69 @@ class RolloutController:
                 except (KeyError, ValueError) as exc:
                     ph.failed[e.device_id] = f"unusable report: {exc}"
 
+    def republish(self) -> int | None:
+        """After a broker restart: put the candidate topic back as this controller left it.
+
+        A SIGKILLed Mosquitto comes back from its last autosave, which may hold no
+        candidate, an older one, or none of its chunks. A running candidate goes out
+        again, chunks first, with the current phase's ``check`` under a new sequence
+        (devices of the phase that had checked it check it again, which only refreshes
+        their report; the phase keeps its start and its timeout). A finished rollout's
+        last manifest (``revert`` or ``halt``) goes out again unchanged, same sequence,
+        so only devices that missed it act on it; after a promotion the candidate topic
+        is cleared. Returns the new sequence of a running candidate, else None. If the
+        broker cannot be reached, the controller's thread tries again at every tick
+        until it succeeds. Recorded as ``rollout republished``.
+        """
+        with self._lock:
+            self._republish_pending = True
+            return self._republish_if_pending()
+
+    def _republish_if_pending(self) -> int | None:
+        if not self._republish_pending:
+            return None
+        r = self._active
+        last = None if r is None else r.last_manifest
+        if r is None or last is None:
+            self._republish_pending = False
+            return None
+        sequence: int | None = None
+        if r.status == "running":
+            manifest = self._publish(r, r.phase, "check", with_chunks=True)
+            r.sequence = sequence = manifest.sequence
+            action = "check"
+        elif r.status == "promoted":
+            with self._publisher() as pub:
+                pub.clear_candidate(r.version, r.chunk_count, keep_chunks=True)
+            action = "clear"
+        else:
+            with self._publisher() as pub:
+                pub.republish_candidate(last)
+            action = last.action
+        self._republish_pending = False
+        self._record(
+            REPUBLISHED_EVENT_KIND,
+            r.version,
+            {
+                "status": r.status,
+                "phase": r.phase.number,
+                "action": action,
+                "sequence": sequence if sequence is not None else last.sequence,
+                "reason": "the broker restarted",
+            },
+        )
+        logger.info(
+            "rollout of version %d (%s): candidate topic put back after a broker restart (%s)",
+            r.version,
+            r.status,
+            action,
+        )
+        return sequence
+
     def tick(self) -> None:
         """Decide the running phase when its time has come (called by the thread)."""
         with self._lock:
+            self._republish_if_pending()
             r = self._active
             if r is None or r.status != "running":
                 return
@@ -441,8 +513,9 @@ class RolloutController:
     ) -> codec.Manifest:
         if not r.package:
             r.package = self.registry.version_bytes(r.version)
+        ppm = ph.cohort_ppm if cohort_ppm is None else cohort_ppm
         with self._publisher() as pub:
-            return pub.publish_candidate(
+            manifest: codec.Manifest = pub.publish_candidate(
                 version=r.version,
                 parent_version=r.parent_version,
                 round=r.round,
@@ -450,11 +523,13 @@ class RolloutController:
                 architecture_id=r.architecture_id,
                 metrics=r.metrics,
                 phase=ph.number,
-                cohort_ppm=ph.cohort_ppm if cohort_ppm is None else cohort_ppm,
+                cohort_ppm=ppm,
                 action=action,
                 served_version=r.served_version,
                 with_chunks=with_chunks,
             )
+        r.last_manifest = manifest
+        return manifest
 
     def _record(self, kind: str, version: int, figures: dict[str, Any]) -> None:
         try:

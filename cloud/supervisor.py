@@ -369,7 +369,7 @@ class CloudStack:
                     alive=lambda: _process_alive(broker.process),
                     restart=self._restart_broker,
                     describe_exit=lambda: _exit_text(broker.process),
-                    after_restart=[self.republish_current],
+                    after_restart=[self.republish_current, self.republish_candidate],
                 )
             )
         link = self.superlink
@@ -421,6 +421,20 @@ class CloudStack:
         sequence = self.signer.signer.republish_current()
         if sequence is not None:
             logger.info("broker restarted: current release republished (sequence %d)", sequence)
+
+    def republish_candidate(self) -> None:
+        """Hook after a broker restart: put a staged rollout's candidate topic back.
+
+        The same autosave can have lost the running candidate or its chunks, or hold an
+        older one (:meth:`cloud.rollout.RolloutController.republish`); retried by the
+        controller until the broker takes it.
+        """
+        if self.signer is None:
+            return
+        try:
+            self.signer.signer.rollout.republish()
+        except Exception as exc:  # the broker is not taking it yet: the controller retries
+            logger.warning("broker restarted: the rollout candidate not put back yet: %s", exc)
 
     def _restart_superlink(self) -> None:
         assert self.superlink is not None

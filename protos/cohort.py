@@ -35,6 +35,12 @@ newer candidate supersedes it. A promoted release is the existing retained relea
 subscribes to the candidate topic) keeps following promoted releases, and a device that
 was offline gets the last promoted version. The device has no separate held-out split
 yet: the check uses every local sample, which training uses too.
+
+After its broker restarted (it may have come back from an older autosave), the cloud
+puts the candidate topic back: a running candidate goes out again, chunks first, with
+its phase's `check` under a new sequence (devices of the phase check it again); a
+finished rollout's last candidate (`revert` or `halt`) goes out again unchanged, same
+sequence; after a promotion the topic is cleared.
 """
 
 from __future__ import annotations
