@@ -181,8 +181,16 @@ def test_a_running_candidate_is_put_back_after_the_broker_restarts(
             c is not None and codec.sha256_hex(c) == h
             for c, h in zip(chunks, again.chunk_sha256, strict=True)
         ), "a chunk of the candidate is missing after the restart"
-        republished = [d for k, d in _rollout_events(registry, v2) if k == REPUBLISHED_EVENT_KIND]
-        assert republished and republished[-1]["phase"] == 1, _rollout_events(registry, v2)
+        # Recorded once the broker acknowledged it, a moment after a subscriber sees it.
+        deadline = time.monotonic() + 10
+        while not (
+            republished := [
+                d for k, d in _rollout_events(registry, v2) if k == REPUBLISHED_EVENT_KIND
+            ]
+        ):
+            assert time.monotonic() < deadline, _rollout_events(registry, v2)
+            time.sleep(0.2)
+        assert republished[-1]["phase"] == 1, republished
         assert republished[-1]["sequence"] == again.sequence
     finally:
         os.kill(pid, signal.SIGCONT)
