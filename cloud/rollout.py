@@ -11,7 +11,9 @@ drives the phases of ``[rollout] phases``:
    cohort (:mod:`protos.cohort`) store it beside the served version, evaluate both on
    their local data and report ``candidate_checked`` (or ``candidate_failed``) events.
    The phase's cohort, as the controller counts it, is the devices online at the start
-   of the phase whose cohort position is below the bound.
+   of the phase whose cohort position is below the bound. A phase that begins with no
+   device online (a fresh fleet's first round) takes its cohort when devices come
+   online, and its check goes out again with that bound.
 2. **gate**: once every device of the cohort answered and ``soak_s`` passed, or at
    ``phase_timeout_s``, :func:`cloud.rollout_policy.evaluate_gate` decides.
 3. **pass**: ``action = "serve"`` for the phase's cohort (those devices serve the
@@ -68,6 +70,8 @@ logger = logging.getLogger(__name__)
 EVENT_SOURCE = "cloud"
 #: Seconds between two looks at the running phase.
 TICK_S = 0.25
+#: Seconds between two looks for online devices while a phase's cohort is empty.
+RETAKE_S = 1.0
 #: Finished rollouts kept for ``status`` (newest last).
 HISTORY = 20
 
@@ -97,6 +101,8 @@ class Phase:
     failed: dict[str, str] = field(default_factory=dict)
     result: GateResult | None = None
     decided_wall: float | None = None
+    #: When an empty cohort was last looked at again (monotonic).
+    retaken_at: float = 0.0
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -348,9 +354,12 @@ class RolloutController:
             if r is None or r.status != "running":
                 return
             ph = r.phase
+            if not ph.cohort:
+                self._retake_cohort(r)
             elapsed = time.monotonic() - ph.started_at
             answered = set(ph.reports) | set(ph.failed)
-            # An empty cohort (nobody online) waits for the timeout: devices may come back.
+            # An empty cohort (nobody online) waits for the timeout: devices may come back
+            # (the phase takes them as its cohort when they do).
             complete = bool(ph.cohort) and ph.cohort <= answered and elapsed >= self.policy.soak_s
             if not complete and elapsed < self.policy.phase_timeout_s:
                 return
@@ -437,6 +446,39 @@ class RolloutController:
             ph.number,
             len(ph.cohort),
             ", ".join(sorted(ph.cohort)) or "none online",
+        )
+
+    def _retake_cohort(self, r: Rollout) -> None:
+        """A phase begun with nobody online takes its cohort once devices are online.
+
+        In a fresh default fleet a device is known only after it answered a round, so
+        the first round's candidate can begin before the registry sees any device. The
+        phase keeps its start (soak and timeout count from it) and publishes its check
+        again for the new cohort (no chunks: they went out with the first check).
+        Looked at every ``RETAKE_S`` while the cohort is empty.
+        """
+        ph = r.phase
+        now = time.monotonic()
+        if now - ph.retaken_at < RETAKE_S:
+            return
+        ph.retaken_at = now
+        online = set(self._online())
+        if not online:
+            return
+        fleet = self.settings.cloud.fleet
+        bound = max(1, cohort.bound_for(fleet, online, ph.fraction, ph.min_devices))
+        members = set(cohort.members(fleet, online, bound))
+        if not members:
+            return
+        ph.cohort_ppm, ph.cohort = bound, members
+        manifest = self._publish(r, ph, "check", with_chunks=False)
+        r.sequence = manifest.sequence
+        logger.info(
+            "rollout of version %d: phase %d checks on %d devices that came online (%s)",
+            r.version,
+            ph.number,
+            len(members),
+            ", ".join(sorted(members)),
         )
 
     def _fail(self, r: Rollout, figures: dict[str, Any]) -> None:
