@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -234,6 +235,7 @@ def test_valid_files_load() -> None:
         assert cloud_config.load(cloud_path, env={}).run.num_rounds == 3
 
 
+@pytest.mark.slow  # the longest fuzz runs: CI runs them, `-m "not slow"` does not
 @fuzz(600)
 @given(documents(EDGE_SECTIONS))
 @example({"device": {"data_dir": "~nosuchuser-edgefl/data"}})
@@ -243,6 +245,7 @@ def test_edge_generated_documents(doc: dict[str, Any]) -> None:
     check_edge(render(doc).encode("utf-8", "surrogatepass"))
 
 
+@pytest.mark.slow  # the longest fuzz runs: CI runs them, `-m "not slow"` does not
 @fuzz(600)
 @given(documents(CLOUD_SECTIONS))
 @example({"run": {"num_rounds": float("inf")}})

@@ -328,6 +328,7 @@ def chaos_requests(draw: st.DrawFn) -> kpb.ModelInferRequest:
     return request
 
 
+@pytest.mark.slow  # the longest fuzz runs: CI runs them, `-m "not slow"` does not
 @fuzz(1000)
 @given(infer_requests())
 @example(kpb.ModelInferRequest())

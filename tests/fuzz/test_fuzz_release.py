@@ -257,6 +257,7 @@ def mutate(base: bytes, data: st.DataObject) -> bytes:
     return bytes(buf)
 
 
+@pytest.mark.slow  # the longest fuzz runs: CI runs them, `-m "not slow"` does not
 @fuzz(500)
 @given(st.data())
 def test_mutated_genuine_manifests(
@@ -382,6 +383,7 @@ MANIFEST_FAULTS = [
 CHUNK_FAULTS = ["random", "empty", "beyond", "dup", "missing", "other_version"]
 
 
+@pytest.mark.slow  # the longest fuzz runs: CI runs them, `-m "not slow"` does not
 @fuzz(600)
 @given(st.data())
 def test_signed_manifests_with_wrong_content(
