@@ -13,8 +13,8 @@ candidate supersedes an older one, see :mod:`cloud.rollout`):
    average). Nothing in the product is changed for this: the attacker owns the
    device's data, through the device's own LocalData service. The aggregate is bad
    (the cloud's own evaluation says so); phase 1's device checks it on its own data,
-   the gate fails, the candidate is rolled back, no device ever serves it, the fleet
-   keeps serving the good version, and ``/api/rollouts`` shows the decision with its
+   the gate fails, the candidate is rolled back (a ``revert`` to the whole fleet), no
+   device ever serves it, the fleet keeps serving the good version, and ``/api/rollouts`` shows the decision with its
    figures;
 3. the device's honest data is back: the next round starts from the poisoned global
    model (FedAvg goes on from the newest aggregate), recovers, passes the gates, and
@@ -39,6 +39,7 @@ from edge.config import load_settings
 from protos import codec, cohort
 from protos import wire_keys as keys
 from protos.edgefl.v1 import local_data_pb2, local_data_pb2_grpc
+from tests.cloud.test_signer_rollout import _retained_candidate
 from tests.e2e.conftest import fleet_spec, served_version, wait_served
 from tests.e2e.test_rollout import ServedWatch, _events, _wait_event
 
@@ -155,6 +156,11 @@ def test_a_poisoned_fedavg_round_is_stopped_in_phase_one_and_the_next_round_roll
     assert all(v_bad not in seen for seen in watch.seen.values()), watch.seen
     assert {n: served_version(a) for n, a in addresses.items()} == dict.fromkeys(addresses, v_good)
     assert registry.current().version == v_good  # type: ignore[union-attr]
+    # What the candidate topic holds now: the whole fleet told to leave the candidate.
+    assert stack.broker is not None
+    revert = _retained_candidate(stack.broker, s.cloud.fleet)
+    assert revert is not None and (revert.version, revert.action) == (v_bad, "revert")
+    assert (revert.cohort_ppm, revert.served_version) == (cohort.SCALE, v_good), revert
     # The UI's API shows the rollback with the gate's figures.
     with urllib.request.urlopen(f"{stack.web.url}/api/rollouts", timeout=10) as reply:
         shown = json.loads(reply.read())
