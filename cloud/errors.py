@@ -16,6 +16,7 @@ standard kind it keeps that base too (``ValueError``, ``RuntimeError``,
     ├── proxy.ProxyError                  nginx is missing, misconfigured or did not start
     ├── publisher.PublishError            the broker refused or did not acknowledge a release
     ├── rollout.RolloutError              a rollout action that does not apply (no such rollout)
+    ├── rollout_state.RolloutStateError   a stored rollout state that cannot be resumed (ValueError)
     ├── signer.SignerError                the signer refused a release
     │   └── signer.SignerUnavailable      broker or signer away; asking again may work
     ├── registry.RegistryError            the registry database failed

@@ -63,6 +63,7 @@ from cloud.registry_models import (
     EventRow,
     MetaRow,
     PublishRow,
+    RolloutRow,
     RoundReplyRow,
     RoundRow,
     RunRow,
@@ -236,6 +237,16 @@ class Event:
     kind: str
     detail: str
     version: int
+
+
+@dataclass(frozen=True)
+class StoredRollout:
+    """A staged rollout as the rollout controller stored it (its document left unparsed)."""
+
+    version: int
+    status: str
+    state_json: str
+    updated_at: float
 
 
 @dataclass(frozen=True)
@@ -1056,6 +1067,39 @@ class Registry:
                     for e in valid
                 )
         return len(valid)
+
+    def save_rollout(self, version: int, status: str, state: Mapping[str, Any]) -> None:
+        """Store (or replace) the state of the staged rollout of ``version``.
+
+        ``state`` is the rollout controller's own document (:mod:`cloud.rollout`); it
+        must be JSON without NaN or infinities.
+        """
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise InvalidRecordError(f"a rollout's version is an integer ≥ 1, got {version!r}")
+        if not status or len(status) > 16:
+            raise InvalidRecordError(f"a rollout's status is 1 to 16 characters, got {status!r}")
+        try:
+            document = json.dumps(dict(state), sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRecordError(f"rollout {version}: state is not plain JSON: {exc}") from exc
+        with self._write() as session:
+            row = session.get(RolloutRow, version)
+            if row is None:
+                session.add(
+                    RolloutRow(
+                        version=version, status=status, state_json=document, updated_at=time.time()
+                    )
+                )
+            else:
+                row.status, row.state_json, row.updated_at = status, document, time.time()
+
+    def list_rollouts(self, limit: int = 100) -> list[StoredRollout]:
+        """The stored rollouts of the ``limit`` newest candidate versions, newest first."""
+        with self._read() as session:
+            rows = session.scalars(
+                select(RolloutRow).order_by(RolloutRow.version.desc()).limit(max(0, limit))
+            )
+            return [StoredRollout(r.version, r.status, r.state_json, r.updated_at) for r in rows]
 
     def list_events(self, limit: int = 100) -> list[Event]:
         """The newest ``limit`` events, newest first."""

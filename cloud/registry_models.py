@@ -17,6 +17,7 @@ Tables::
     events          device events (release installed / rejected ...), newest last
     meta            key/value counters; ``changes`` grows with every write
     publishes       one row per release published to the fleet: version, sequence, duration
+    rollouts        one row per staged rollout (by candidate version): status, state document
 
 The schema's history lives in :mod:`cloud.migrations` (Alembic): a change here needs a
 new revision there, and a test checks that both describe the same schema.
@@ -166,3 +167,13 @@ class PublishRow(Base):
     published_at: Mapped[float] = mapped_column(Float)
     #: Seconds from the first chunk sent to the manifest acknowledged by the broker.
     duration_s: Mapped[float] = mapped_column(Float)
+
+
+class RolloutRow(Base):
+    __tablename__ = "rollouts"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    status: Mapped[str] = mapped_column(String(16))
+    #: The rollout controller's own JSON document (phases, cohorts, reports, decisions).
+    state_json: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[float] = mapped_column(Float)

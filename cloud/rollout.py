@@ -28,7 +28,8 @@ drives the phases of ``[rollout] phases``:
 
 Every decision is a registry event from ``cloud`` (kinds ``rollout started``, ``rollout
 phase passed``, ``rollout phase failed``, ``rollout promoted``, ``rollout halted``,
-``rollout rolled back``, ``rollout superseded``) whose detail is a JSON object with the
+``rollout rolled back``, ``rollout superseded``; ``rollout resumed`` and ``rollout
+republished`` for restarts) whose detail is a JSON object with the
 figures.
 
 **Broker restarts.** A SIGKILLed Mosquitto comes back from its last autosave, which may
@@ -43,8 +44,11 @@ starts at phase 1, and devices that serve the older, never-promoted candidate re
 the fleet's served version when the newer candidate reaches them. So in a run whose
 rounds are shorter than a rollout, the fleet is promoted to the run's last versions
 only. The very first version of a fleet (nothing served yet) is released at once.
-The controller keeps its state in memory: after a cloud restart the aggregator releases
-the pending version again and its rollout starts over at phase 1.
+**Cloud restarts.** Every change of a rollout is stored in the registry
+(:meth:`cloud.registry.Registry.save_rollout`, the document of
+:meth:`cloud.rollout_state.Rollout.to_state`); a restarted cloud resumes the running
+rollout where it was (:meth:`RolloutController.resume`, ``rollout resumed``), and the
+aggregator's release of the same version again finds it running.
 """
 
 from __future__ import annotations
@@ -55,13 +59,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from cloud.config import CloudSettings
 from cloud.errors import CloudError
 from cloud.registry import Registry
-from cloud.rollout_policy import CheckReport, GateResult, evaluate_gate, figures_so_far, phases_of
+from cloud.rollout_policy import CheckReport, evaluate_gate, phases_of
+from cloud.rollout_state import Phase, Rollout, RolloutStateError, finite
 from protos import codec, cohort
 
 logger = logging.getLogger(__name__)
@@ -84,88 +88,6 @@ FAILED = "candidate_failed"
 
 class RolloutError(CloudError, RuntimeError):
     """An operator action that does not apply (no such rollout, already decided)."""
-
-
-@dataclass
-class Phase:
-    """One phase of a rollout and what happened in it."""
-
-    number: int
-    fraction: float
-    min_devices: int
-    cohort_ppm: int = 0
-    cohort: set[str] = field(default_factory=set)
-    started_at: float = 0.0
-    started_wall: float = 0.0
-    reports: dict[str, CheckReport] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-    result: GateResult | None = None
-    decided_wall: float | None = None
-    #: When an empty cohort was last looked at again (monotonic).
-    retaken_at: float = 0.0
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "phase": self.number,
-            "fraction": self.fraction,
-            "cohort_ppm": self.cohort_ppm,
-            "cohort": sorted(self.cohort),
-            "checked": sorted(self.reports),
-            "failed": dict(self.failed),
-            "started_at": self.started_wall,
-            "decided_at": self.decided_wall,
-            "passed": None if self.result is None else self.result.passed,
-            "reason": None if self.result is None else self.result.reason,
-            "figures": None if self.result is None else _finite(self.result.figures()),
-            "so_far": (
-                _finite(figures_so_far(self.reports, set(self.failed), self.cohort))
-                if self.result is None
-                else None
-            ),
-        }
-
-
-@dataclass
-class Rollout:
-    """One candidate version going through the phases."""
-
-    version: int
-    served_version: int
-    round: int
-    parent_version: int
-    architecture_id: str
-    metrics: dict[str, float]
-    package: bytes
-    phases: list[Phase]
-    index: int = 0
-    status: str = "running"  # running, promoted, halted, rolled back, superseded
-    sequence: int = 0
-    chunk_count: int = 0
-    #: The candidate manifest published last: what the candidate topic holds.
-    last_manifest: codec.Manifest | None = None
-    started_wall: float = field(default_factory=time.time)
-    finished_wall: float | None = None
-
-    @property
-    def phase(self) -> Phase:
-        return self.phases[self.index]
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "served_version": self.served_version,
-            "round": self.round,
-            "status": self.status,
-            "phase": self.phase.number,
-            "phase_count": len(self.phases),
-            "started_at": self.started_wall,
-            "finished_at": self.finished_wall,
-            "phases": [p.summary() for p in self.phases[: self.index + 1]],
-        }
-
-
-def _finite(values: dict[str, float]) -> dict[str, float | None]:
-    return {k: (v if v == v and abs(v) != float("inf") else None) for k, v in values.items()}
 
 
 class RolloutController:
@@ -198,6 +120,7 @@ class RolloutController:
         self._thread: threading.Thread | None = None
         self._pub: Any = None
         self._republish_pending = False
+        self._republish_reason = "the broker restarted"
 
     @property
     def staged(self) -> bool:
@@ -206,6 +129,8 @@ class RolloutController:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> RolloutController:
+        """Resume the stored rollouts (:meth:`resume`), then run the phases in a thread."""
+        self.resume()
         self._thread = threading.Thread(target=self._run, name="rollout", daemon=True)
         self._thread.start()
         return self
@@ -224,6 +149,98 @@ class RolloutController:
                 self.tick()
             except Exception:  # a bug or a broker outage must not end the controller
                 logger.exception("rollout: tick failed (tried again)")
+
+    def resume(self) -> None:
+        """Load the rollouts a previous cloud stored in the registry (called by :meth:`start`).
+
+        The newest stored rollout that is still running goes on where it was: same
+        phase, cohort and reports, its clock counted from the phase's stored start (a
+        phase whose timeout passed while the cloud was down is decided at the first
+        tick), and its candidate is published again (``rollout resumed``, then
+        ``rollout republished``). It is not resumed, with a warning, when the policy is
+        no longer staged or its version is no longer in the registry (marked
+        ``halted``), or the fleet already serves it or a newer one (marked ``promoted``
+        or ``superseded``). A stored state that cannot be read (malformed, an unknown
+        format) is skipped with a warning; the cloud starts either way.
+        """
+        try:
+            stored = self.registry.list_rollouts(HISTORY + 1)
+        except Exception as exc:  # a registry problem must not stop the cloud's start
+            logger.warning("rollout: stored rollouts not read (%s); none resumed", exc)
+            return
+        loaded: list[Rollout] = []
+        for row in stored:  # newest first
+            try:
+                r = Rollout.from_state(json.loads(row.state_json))
+                if r.version != row.version:
+                    raise RolloutStateError(f"it names version {r.version}")
+            except (ValueError, RolloutStateError) as exc:
+                logger.warning(
+                    "rollout: the stored state of version %d is ignored: %s", row.version, exc
+                )
+                continue
+            loaded.append(r)
+        if not loaded:
+            return
+        newest = loaded[0]
+        with self._lock:
+            for r in loaded[1:]:
+                if r.status == "running":  # only the newest can be: a newer one superseded it
+                    r.status, r.finished_wall = "superseded", time.time()
+                    self._save(r)
+            self._history = [r for r in reversed(loaded) if r.status != "running"][-HISTORY:]
+            if newest.status == "running":
+                self._resume_running(newest)
+            self._active = newest
+            # The broker may have restarted with the cloud: the candidate topic goes back.
+            self._republish_pending = True
+            self._republish_reason = "the cloud restarted"
+
+    def _resume_running(self, r: Rollout) -> None:
+        why = self._why_not_resumed(r)
+        if why is not None:
+            status, reason = why
+            logger.warning("rollout of version %d not resumed: %s", r.version, reason)
+            r.status, r.finished_wall = status, time.time()
+            self._record(f"rollout {status}", r.version, {"reason": reason})
+            self._retire(r)
+            return
+        ph = r.phase
+        logger.info(
+            "rollout of version %d resumed in phase %d (%d of %d devices answered)",
+            r.version,
+            ph.number,
+            len(set(ph.reports) | set(ph.failed)),
+            len(ph.cohort),
+        )
+        self._record(
+            "rollout resumed",
+            r.version,
+            {
+                "phase": ph.number,
+                "cohort": sorted(ph.cohort),
+                "checked": sorted(ph.reports),
+                "failed": sorted(ph.failed),
+                "elapsed_s": round(max(0.0, time.time() - ph.started_wall), 3),
+            },
+        )
+
+    def _why_not_resumed(self, r: Rollout) -> tuple[str, str] | None:
+        """(status to mark, reason) when a stored running rollout must not go on."""
+        from cloud.registry import NotFoundError
+
+        if not self.staged:
+            return "halted", f"the rollout policy is now {self.policy.policy!r}"
+        try:
+            self.registry.get_version(r.version)
+        except NotFoundError:
+            return "halted", f"version {r.version} is no longer in the registry"
+        current = self.registry.current()
+        if current is not None and current.version == r.version:
+            return "promoted", "the fleet already serves it"
+        if current is not None and current.version > r.version:
+            return "superseded", f"the fleet serves the newer version {current.version}"
+        return None
 
     # -- what the signer, the monitor and the operator call ------------------------------
 
@@ -268,6 +285,7 @@ class RolloutController:
             if r is None or r.status != "running":
                 return
             ph = r.phase
+            before = (dict(ph.reports), dict(ph.failed))
             for e in events:
                 if e.version != r.version or e.kind not in (CHECKED, FAILED):
                     continue
@@ -286,6 +304,8 @@ class RolloutController:
                     ph.reports[e.device_id] = CheckReport.from_metrics(e.device_id, e.metrics)
                 except (KeyError, ValueError) as exc:
                     ph.failed[e.device_id] = f"unusable report: {exc}"
+            if (ph.reports, ph.failed) != before:
+                self._save(r)
 
     def republish(self) -> int | None:
         """After a broker restart: put the candidate topic back as this controller left it.
@@ -303,6 +323,7 @@ class RolloutController:
         """
         with self._lock:
             self._republish_pending = True
+            self._republish_reason = "the broker restarted"
             return self._republish_if_pending()
 
     def _republish_if_pending(self) -> int | None:
@@ -318,6 +339,7 @@ class RolloutController:
             manifest = self._publish(r, r.phase, "check", with_chunks=True)
             r.sequence = sequence = manifest.sequence
             action = "check"
+            self._save(r)
         elif r.status == "promoted":
             with self._publisher() as pub:
                 pub.clear_candidate(r.version, r.chunk_count, keep_chunks=True)
@@ -335,13 +357,14 @@ class RolloutController:
                 "phase": r.phase.number,
                 "action": action,
                 "sequence": sequence if sequence is not None else last.sequence,
-                "reason": "the broker restarted",
+                "reason": self._republish_reason,
             },
         )
         logger.info(
-            "rollout of version %d (%s): candidate topic put back after a broker restart (%s)",
+            "rollout of version %d (%s): candidate topic put back (%s: %s)",
             r.version,
             r.status,
+            self._republish_reason,
             action,
         )
         return sequence
@@ -372,7 +395,7 @@ class RolloutController:
                 "cohort": sorted(ph.cohort),
                 "reason": result.reason,
                 "timed_out": not complete,
-                **_finite(result.figures()),
+                **finite(result.figures()),
             }
             if not result.passed:
                 self._record("rollout phase failed", r.version, figures)
@@ -440,6 +463,7 @@ class RolloutController:
         manifest = self._publish(r, ph, "check", with_chunks=with_chunks)
         r.sequence = manifest.sequence
         r.chunk_count = manifest.chunk_count
+        self._save(r)
         logger.info(
             "rollout of version %d: phase %d checks on %d devices (%s)",
             r.version,
@@ -473,6 +497,7 @@ class RolloutController:
         ph.cohort_ppm, ph.cohort = bound, members
         manifest = self._publish(r, ph, "check", with_chunks=False)
         r.sequence = manifest.sequence
+        self._save(r)
         logger.info(
             "rollout of version %d: phase %d checks on %d devices that came online (%s)",
             r.version,
@@ -514,6 +539,14 @@ class RolloutController:
         self._history.append(r)
         del self._history[:-HISTORY]
         r.package = b""  # the registry keeps it; the history keeps figures only
+        self._save(r)
+
+    def _save(self, r: Rollout) -> None:
+        """Store ``r``'s state in the registry (a cloud that restarts resumes from it)."""
+        try:
+            self.registry.save_rollout(r.version, r.status, r.to_state())
+        except Exception:  # the rollout goes on in memory; the next change tries again
+            logger.exception("rollout: the state of version %d was not stored", r.version)
 
     def _clear_chunks(self, r: Rollout) -> None:
         current = self.registry.current()

@@ -96,7 +96,7 @@ def test_a_fresh_database_gets_every_revision_and_matches_the_models(registry_ur
     engine = _engine(registry_url)
     try:
         with engine.connect() as conn:
-            assert migrations.current_revision(conn) == migrations.head() == "0003"
+            assert migrations.current_revision(conn) == migrations.head() == "0004"
         assert _schema_diff(engine) == []
         indexes = {i["name"] for i in inspect(engine).get_indexes("devices")}
         assert {"ix_devices_state", "ix_devices_serving_version"} <= indexes
