@@ -36,8 +36,8 @@ subscribes to the candidate topic) keeps following promoted releases, and a devi
 was offline gets the last promoted version. The device has no separate held-out split
 yet: the check uses every local sample, which training uses too.
 
-After its broker restarted (it may have come back from an older autosave), the cloud
-puts the candidate topic back: a running candidate goes out again, chunks first, with
+After its broker restarted (it may have come back from an older autosave) and when a
+restarted cloud resumes a rollout it stored, the cloud puts the candidate topic back: a running candidate goes out again, chunks first, with
 its phase's `check` under a new sequence (devices of the phase check it again); a
 finished rollout's last candidate (`revert` or `halt`) goes out again unchanged, same
 sequence; after a promotion the topic is cleared.
