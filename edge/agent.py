@@ -577,7 +577,8 @@ class Agent:
         """A staged rollout's candidate: check, serve or revert it if our cohort is addressed.
 
         Same signature, floor and clock checks as a release; candidates have their own
-        sequence (persisted under ``candidate_sequence``). A device serving an older
+        sequence (persisted under ``candidate_sequence``; the persisted one is taken again
+        after a restart, since its download may not have finished). A device serving an older
         candidate that never got promoted returns to the fleet's served version when a
         newer candidate arrives (the newer one supersedes it).
         """
@@ -599,10 +600,14 @@ class Agent:
         except Exception:
             persisted = 0
         handled = max(persisted, self._handled_candidate)
-        if m.sequence <= handled:
-            if m.sequence < handled:
-                self._reject(m.version, f"replayed candidate: sequence {m.sequence} ≤ {handled}")
+        if m.sequence < handled:
+            self._reject(m.version, f"replayed candidate: sequence {m.sequence} ≤ {handled}")
             return
+        if m.sequence == self._handled_candidate:
+            return  # this process has handled it already
+        # ``m.sequence == persisted`` (not yet this process): taken before a restart that may
+        # have cut its download or check short. Handle it again: every action is idempotent
+        # (a second check only refreshes the report).
         self._handled_candidate = m.sequence
         try:
             state = dict(self.node.read_state())

@@ -239,3 +239,39 @@ def test_a_newer_candidate_returns_devices_from_an_older_unpromoted_one(
     _wait(lambda: node.serving_version() == 1, "the superseded candidate dropped")
     monitor.wait_for_event(lambda e: e.kind == EVENT_CANDIDATE_REVERTED, WAIT_S)
     assert node.staged == [2]
+
+
+def test_a_device_restarted_before_the_chunks_came_still_checks_the_candidate(
+    broker: Broker,
+    fleet_keys: FleetKeys,
+    agent_factory: AgentFactory,
+    monitor: FleetMonitor,
+    tmp_path: Path,
+) -> None:
+    """The device's agent stops after it took a candidate's manifest but before its chunks
+    arrived; when it starts again, the same retained manifest (same sequence) must be
+    picked up, not dropped as already handled."""
+    node = CandidateNode("dev-0", tmp_path)
+    agent = agent_factory(node)
+    publish(broker, fleet_keys, 1)
+    monitor.wait_for_fleet_version(1, [node.device_id], WAIT_S)
+
+    manifest = _candidate(broker, fleet_keys.private, 2, "check", with_chunks=False)
+    _wait(
+        lambda: node.read_state().get(STATE_CANDIDATE_SEQUENCE_KEY) == manifest.sequence,
+        "the device to take the candidate's manifest",
+    )
+    agent.stop()
+    assert node.checked == [] and node.staged == []
+    # The chunks come while the device is down (retained, on the release chunk topics).
+    chunks = codec.split_chunks(make_package(2), manifest.chunk_size)
+    for index, chunk in enumerate(chunks):
+        _raw_publish(broker, topics.release_chunk(FLEET, 2, index), chunk)
+
+    agent_factory(node)
+    event = monitor.wait_for_event(
+        lambda e: e.kind == EVENT_CANDIDATE_CHECKED and e.device_id == node.device_id, WAIT_S
+    )
+    assert event.version == 2
+    assert node.checked == [(2, 1)] and node.staged == [2]
+    assert node.serving_version() == 1
