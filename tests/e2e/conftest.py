@@ -118,3 +118,36 @@ def wait_for_round(stack: CloudStack, round_: int, timeout: float = 180.0) -> No
             return
         time.sleep(0.5)
     raise AssertionError(f"round {round_} did not finish in {timeout:.0f}s")
+
+
+def kill_broker_back_from_autosave(
+    stack: CloudStack, autosave: bytes, monkeypatch: pytest.MonkeyPatch, timeout: float = 60
+) -> None:
+    """SIGKILL the stack's broker; the watchdog's restart starts it from ``autosave``.
+
+    Mosquitto saves retained messages every few seconds, so a SIGKILLed broker can come
+    back with an older database. The older database is put in place as the broker starts
+    again, so the race is not left to chance. Returns once the new broker process runs.
+    """
+    from cloud.broker import Broker
+
+    assert stack.broker is not None and stack.broker.process is not None
+    db = stack.broker.config.data_dir / "mosquitto.db"
+    start = Broker.start
+    restored: list[bytes] = []
+
+    def start_from_old_autosave(self: Broker, **kwargs: object) -> Broker:
+        if not restored:
+            restored.append(autosave)
+            db.write_bytes(autosave)
+        return start(self, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Broker, "start", start_from_old_autosave)
+    old_pid = stack.broker.process.pid
+    stack.broker.process.kill()
+    deadline = time.monotonic() + timeout
+    while not (
+        (p := stack.broker.process) is not None and p.alive() and p.pid != old_pid and restored
+    ):
+        assert time.monotonic() < deadline, "the watchdog did not restart the broker"
+        time.sleep(0.2)

@@ -19,11 +19,10 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from cloud.broker import Broker
 from cloud.releases import package_weights
 from cloud.signer import REPUBLISHED_EVENT_KIND
 from protos import codec, topics
-from tests.e2e.conftest import fleet_spec, wait_served
+from tests.e2e.conftest import fleet_spec, kill_broker_back_from_autosave, wait_served
 
 pytestmark = pytest.mark.slow
 
@@ -90,24 +89,7 @@ def test_a_broker_back_from_an_older_autosave_gets_the_current_release_again(
     assert _retained_version(port, fleet_name) == v2
 
     # The broker dies; when it starts again, its database is the autosave holding v1.
-    start = Broker.start
-    restored: list[bytes] = []
-
-    def start_from_old_autosave(self: Broker, **kwargs: object) -> Broker:
-        if not restored:
-            restored.append(autosave_with_v1)
-            db.write_bytes(autosave_with_v1)
-        return start(self, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Broker, "start", start_from_old_autosave)
-    old_pid = stack.broker.process.pid
-    stack.broker.process.kill()
-    deadline = time.monotonic() + 60
-    while not (
-        (p := stack.broker.process) is not None and p.alive() and p.pid != old_pid and restored
-    ):
-        assert time.monotonic() < deadline, "the watchdog did not restart the broker"
-        time.sleep(0.2)
+    kill_broker_back_from_autosave(stack, autosave_with_v1, monkeypatch)
 
     # What a device that connects now is told is the newest release.
     deadline = time.monotonic() + 30

@@ -23,12 +23,11 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from cloud.broker import Broker
 from cloud.config import RolloutSection
 from cloud.releases import package_weights
 from cloud.rollout import REPUBLISHED_EVENT_KIND
 from protos import codec, cohort, topics
-from tests.e2e.conftest import fleet_spec, wait_served
+from tests.e2e.conftest import fleet_spec, kill_broker_back_from_autosave, wait_served
 
 pytestmark = pytest.mark.slow
 
@@ -142,24 +141,7 @@ def test_a_running_candidate_is_put_back_after_the_broker_restarts(
         assert before is not None and before.version == v2 and before.action == "check"
 
         # The broker dies; it comes back from the autosave that holds v1 and no candidate.
-        start = Broker.start
-        restored: list[bytes] = []
-
-        def start_from_old_autosave(self: Broker, **kwargs: object) -> Broker:
-            if not restored:
-                restored.append(autosave_with_v1)
-                db.write_bytes(autosave_with_v1)
-            return start(self, **kwargs)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(Broker, "start", start_from_old_autosave)
-        old_pid = stack.broker.process.pid
-        stack.broker.process.kill()
-        deadline = time.monotonic() + 60
-        while not (
-            (p := stack.broker.process) is not None and p.alive() and p.pid != old_pid and restored
-        ):
-            assert time.monotonic() < deadline, "the watchdog did not restart the broker"
-            time.sleep(0.2)
+        kill_broker_back_from_autosave(stack, autosave_with_v1, monkeypatch)
 
         # A device that connects now finds the running candidate and every chunk of it.
         deadline = time.monotonic() + 30
