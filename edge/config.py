@@ -92,6 +92,10 @@ DEFAULT_SEED = 0
 """Shuffle seed of local training when the request does not say."""
 DEFAULT_CAPACITY = 5000
 """Most samples the local store keeps (oldest are evicted first)."""
+DEFAULT_HOLDOUT_FRACTION = 0.2
+"""Share of a device's samples held out from training (``[data] holdout_fraction``)."""
+DEFAULT_MIN_HOLDOUT = 10
+"""Fewest held-out samples (``[data] min_holdout``)."""
 DEFAULT_MQTT_PORT = 1883
 """MQTT broker port (8883 is usual with TLS)."""
 DEFAULT_KEEPALIVE = 30
@@ -173,6 +177,12 @@ class DataSettings:
     max_mb: int = 0
     """Disk budget in MiB for the data directory's model files and samples together;
     samples give way (oldest first) to models. 0: no budget, only ``capacity``."""
+    holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION
+    """Share of the samples held out from training for the shadow check and Evaluate,
+    chosen by a hash of each sample's content (rule: :mod:`edge.local_data_split`)."""
+    min_holdout: int = DEFAULT_MIN_HOLDOUT
+    """Fewest held-out samples; a device with fewer than twice as many has no split
+    (it trains on all and refuses checks)."""
 
 
 @dataclass(frozen=True)
@@ -301,6 +311,8 @@ RULES: dict[tuple[str, str], Rule] = {
     ("training", "seed"): _rule(lambda v: v >= 0, "must be >= 0"),
     ("data", "capacity"): _rule(lambda v: v >= 1, "must be >= 1"),
     ("data", "max_mb"): _rule(lambda v: v >= 0, "must be >= 0 (0: no budget)"),
+    ("data", "holdout_fraction"): _rule(lambda v: 0 < v <= 0.5, "must be in (0, 0.5]"),
+    ("data", "min_holdout"): _rule(lambda v: v >= 1, "must be >= 1"),
     ("mqtt", "host"): _rule(lambda v: bool(v), "is required"),
     ("mqtt", "port"): _rule(lambda v: 1 <= v <= 65535, "must be in 1..65535"),
     ("mqtt", "keepalive"): _rule(lambda v: v >= 1, "must be >= 1"),

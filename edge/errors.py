@@ -23,6 +23,7 @@ value, a failed runtime step), it keeps that base too (``ValueError``,
     │                        device shutting down)                       → CANCELLED
     ├── DataError            the local sample store failed               → INTERNAL
     │   ├── NoLocalData      training/evaluation with no samples stored  → FAILED_PRECONDITION
+    │   │   └── NoHeldOutData too few samples for a held-out split (a check) → FAILED_PRECONDITION
     │   └── NoRoomForSamples the disk budget leaves no room for samples  → RESOURCE_EXHAUSTED
     ├── model_card.ModelCardError         a model card is malformed (ValueError)
     ├── litert_model.ModelContractError   a .tflite lacks the card's signatures (ValueError)
@@ -144,6 +145,11 @@ class DataError(EdgeError):
 
 class NoLocalData(DataError):
     """Training or evaluation was asked for while no samples are stored."""
+
+
+class NoHeldOutData(NoLocalData):
+    """An evaluation or shadow check needs a held-out part, and the device holds too few
+    samples for one (see :mod:`edge.local_data_split`)."""
 
 
 class NoRoomForSamples(DataError):

@@ -16,6 +16,7 @@ node state ``state.json``), ``samples/`` (the :class:`LocalData` log), ``grpc.po
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -56,7 +57,12 @@ class EdgeNode:
             delegate=settings.litert.delegate,
         )
         self.trainer = LocalTrainer(
-            self.serving, self.data, settings.training, on_fit=self._fit_done
+            self.serving,
+            self.data,
+            settings.training,
+            holdout_fraction=settings.data.holdout_fraction,
+            min_holdout=settings.data.min_holdout,
+            on_fit=self._fit_done,
         )
         self.serving.add_listener(self._on_swap)
         self.metrics = DeviceMetrics(
@@ -162,12 +168,17 @@ class EdgeNode:
         return self.store.has(version, sha256)
 
     def check_candidate(self, version: int, served_version: int) -> dict[str, float]:
-        """Evaluate the stored candidate and the fleet's served version on local data.
+        """The shadow check: the stored candidate and the fleet's served version on the
+        held-out part of the local samples (:meth:`LocalTrainer.check`).
 
-        Returns ``candidate_accuracy``, ``served_accuracy``, ``candidate_loss``,
-        ``served_loss`` and ``examples``. The served version's weights come from the
-        store, or from the model being served when that version is no longer stored.
-        Serving is not affected (the trainer's own interpreter evaluates).
+        Returns ``candidate_accuracy``, ``served_accuracy``, ``candidate_loss`` and
+        ``served_loss`` (each omitted when not finite), ``examples`` (held-out samples),
+        ``inference_calls`` (calls per version, one per held-out sample),
+        ``candidate_error_rate`` and ``served_error_rate`` (share of calls that raised or
+        gave non-finite outputs) and ``train_examples`` (the samples Fit trains on). The
+        served version's weights come from the store, or from the model being served
+        when that version is no longer stored. Serving is not affected (the trainer's own
+        interpreter checks); too few samples for a split raise NoHeldOutData.
         """
         try:
             candidate = self.store.get(version).package().weights
@@ -177,15 +188,21 @@ class EdgeNode:
                 served = self.serving.require().weights()
         except (EdgeError, CodecError) as exc:
             raise InstallError(f"candidate {version} cannot be checked: {exc}") from exc
-        cand = self.trainer.evaluate(candidate, {})
-        base = self.trainer.evaluate(served, {})
-        return {
-            "candidate_accuracy": float(cand.metrics["accuracy"]),
-            "served_accuracy": float(base.metrics["accuracy"]),
-            "candidate_loss": float(cand.loss),
-            "served_loss": float(base.loss),
-            "examples": float(cand.num_examples),
+        cand = self.trainer.check(candidate)
+        base = self.trainer.check(served)
+        x, y = self.data.snapshot()
+        figures = {
+            "candidate_accuracy": cand.accuracy,
+            "served_accuracy": base.accuracy,
+            "candidate_loss": cand.loss,
+            "served_loss": base.loss,
+            "examples": float(cand.examples),
+            "inference_calls": float(cand.examples),
+            "candidate_error_rate": cand.error_rate,
+            "served_error_rate": base.error_rate,
+            "train_examples": float(len(self.trainer.split(x, y).train)),
         }
+        return {k: float(v) for k, v in figures.items() if math.isfinite(v)}
 
     def activate(self, version: int) -> None:
         """Serve the stored ``version`` (pin or roll back); InstallError keeps the current one."""

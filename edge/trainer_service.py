@@ -5,11 +5,20 @@ built from the model being served (same flatbuffer and card) but never one of th
 serving interpreters, so training never disturbs predictions. One Fit or Evaluate runs
 at a time (a lock); the others wait.
 
+The local samples are split into a **train** part and a **held-out** part by
+:mod:`edge.local_data_split` (``[data] holdout_fraction``, ``[data] min_holdout``).
+
 Fit: the offered weights are checked against the card first (names, shapes, dtypes →
 :class:`~edge.errors.WeightMismatch`, nothing touched), restored into the training
-interpreter, trained on **all** local samples, and returned with metrics.
-Evaluate: the offered weights are evaluated on **all** local samples (a device holds
-no separate test split; the aggregator's own held-out set is the unbiased measure).
+interpreter, trained on the **train** part only, and returned with metrics
+(``num_examples`` counts the train part). A device with too few samples for a split
+trains on all of them (logged).
+Evaluate: the offered weights are evaluated on the **held-out** part only
+(:class:`~edge.errors.NoHeldOutData` when the device has none).
+Check (:meth:`LocalTrainer.check`, the shadow check of a staged rollout, not on the
+wire): the weights answer one inference call per held-out sample; a call that raises or
+returns a non-finite value is an *inference error* (and a wrong answer), the rest give
+accuracy and loss.
 
 Config keys (each optional, defaults from ``[training]`` and the card): ``epochs``
 (int ≥ 0), ``batch_size`` (int, must equal the card's train batch), ``learning_rate``
@@ -29,11 +38,12 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from edge.config import TrainingSettings
+from edge.config import DEFAULT_HOLDOUT_FRACTION, DEFAULT_MIN_HOLDOUT, TrainingSettings
 from edge.errors import InvalidInput, ModelNotFound, NoLocalData, WeightMismatch
 from edge.grpc_status import abort
 from edge.litert_model import LiteRTModel
 from edge.local_data import LocalData
+from edge.local_data_split import Split, require_heldout, split_samples
 from edge.serving import Serving, ServingModel
 from protos import codec
 from protos.codec import ConfigScalar
@@ -46,6 +56,8 @@ SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name
 MAX_EPOCHS = 1000
 
 CONFIG_KEYS = ("epochs", "batch_size", "learning_rate", "proximal_mu", "seed")
+#: Probabilities are clipped at this floor in the check's loss (as in LiteRTModel.evaluate).
+_PROB_FLOOR = 1e-7
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,24 @@ class EvaluateResult:
     num_examples: int
 
 
+@dataclass(frozen=True)
+class CheckResult:
+    """One version's shadow check on the held-out part."""
+
+    loss: float
+    """Mean cross-entropy over the calls without an error (NaN when every call erred)."""
+    accuracy: float
+    """Share of held-out samples answered correctly (an erring call is a wrong answer)."""
+    examples: int
+    """Held-out samples, one inference call each."""
+    inference_errors: int
+    """Calls that raised or returned NaN or infinite values."""
+
+    @property
+    def error_rate(self) -> float:
+        return self.inference_errors / self.examples
+
+
 class LocalTrainer:
     """Trains and evaluates on local data with a private interpreter."""
 
@@ -85,12 +115,17 @@ class LocalTrainer:
         data: LocalData,
         settings: TrainingSettings,
         *,
+        holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
+        min_holdout: int = DEFAULT_MIN_HOLDOUT,
         on_fit: Callable[[int, dict[str, float]], None] | None = None,
     ) -> None:
-        """``on_fit(server_round, metrics)`` runs after every successful Fit."""
+        """``on_fit(server_round, metrics)`` runs after every successful Fit; the split
+        of the local samples follows ``holdout_fraction`` and ``min_holdout``."""
         self._serving = serving
         self._data = data
         self._settings = settings
+        self.holdout_fraction = holdout_fraction
+        self.min_holdout = min_holdout
         self._on_fit = on_fit
         self._lock = threading.Lock()
         self._model: LiteRTModel | None = None
@@ -178,6 +213,14 @@ class LocalTrainer:
             raise NoLocalData("no local samples stored; append samples first")
         return serving, model, x, y
 
+    def split(self, x: np.ndarray, y: np.ndarray) -> Split:
+        """The train/held-out split of ``(x, y)`` under this trainer's settings."""
+        return split_samples(x, y, self.holdout_fraction, self.min_holdout)
+
+    def _heldout(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        held = require_heldout(self.split(x, y), len(y), self.min_holdout)
+        return x[held], y[held]
+
     def fit(
         self,
         weights: Mapping[str, np.ndarray],
@@ -200,6 +243,17 @@ class LocalTrainer:
                 cfg = self.parse_config(
                     config, serving.card.train_batch, serving.card.optimizer.learning_rate
                 )
+                part = self.split(x, y)
+                if part.has_heldout:
+                    x, y = x[part.train], y[part.train]
+                else:
+                    logger.warning(
+                        "fit round %d: %d samples are too few for a held-out split "
+                        "(2 x [data] min_holdout = %d); training on all of them",
+                        server_round,
+                        len(y),
+                        2 * self.min_holdout,
+                    )
                 model.set_weights(weights)
                 metrics = model.fit(
                     x,
@@ -230,7 +284,7 @@ class LocalTrainer:
         config: Mapping[str, ConfigScalar],
         server_round: int = 0,
     ) -> EvaluateResult:
-        """Evaluate ``weights`` on all local samples."""
+        """Evaluate ``weights`` on the held-out part (NoHeldOutData without one)."""
         with self._lock:
             self._busy.set()
             try:
@@ -238,6 +292,7 @@ class LocalTrainer:
                 self.parse_config(
                     config, serving.card.train_batch, serving.card.optimizer.learning_rate
                 )
+                x, y = self._heldout(x, y)
                 started = time.perf_counter()
                 model.set_weights(weights)
                 result = model.evaluate(x, y)
@@ -248,6 +303,45 @@ class LocalTrainer:
             loss=result["loss"],
             metrics={"accuracy": result["accuracy"], "seconds": seconds},
             num_examples=len(y),
+        )
+
+
+    def check(self, weights: Mapping[str, np.ndarray]) -> CheckResult:
+        """The shadow check of ``weights`` on the held-out part (see the module docstring).
+
+        Raises WeightMismatch/NoLocalData/NoHeldOutData/ModelNotLoaded, never for what
+        one inference call does: that is counted.
+        """
+        with self._lock:
+            self._busy.set()
+            try:
+                _, model, x, y = self._prepare(weights)
+                x, y = self._heldout(x, y)
+                model.set_weights(weights)
+                errors = correct = 0
+                loss_sum = 0.0
+                for i in range(len(y)):
+                    try:
+                        probs = model.infer(x[i : i + 1])[0]
+                    except Exception as exc:  # counted: the check's subject
+                        logger.debug("check: inference call %d raised: %s", i, exc)
+                        errors += 1
+                        continue
+                    if not np.isfinite(probs).all():
+                        errors += 1
+                        continue
+                    label = int(y[i])
+                    correct += int(int(probs.argmax()) == label)
+                    loss_sum += -math.log(min(1.0, max(_PROB_FLOOR, float(probs[label]))))
+            finally:
+                self._busy.clear()
+        n = len(y)
+        answered = n - errors
+        return CheckResult(
+            loss=loss_sum / answered if answered else float("nan"),
+            accuracy=correct / n,
+            examples=n,
+            inference_errors=errors,
         )
 
 

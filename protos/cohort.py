@@ -23,7 +23,7 @@ sequence, persisted as `candidate_sequence`) and then, if it is in the cohort:
 
 | action | the device |
 |---|---|
-| `check` | stores the candidate beside the served version without serving it, evaluates the candidate and `served_version` on its local samples with its own trainer interpreter, and sends a `candidate_checked` event (`metrics`: `candidate_accuracy`, `served_accuracy`, `candidate_loss`, `served_loss`, `examples`, `phase`), or `candidate_failed` with the reason |
+| `check` | stores the candidate beside the served version without serving it, checks the candidate and `served_version` on the held-out part of its local samples (never trained on; see "Held-out split") with its own trainer interpreter, one inference call per held-out sample, and sends a `candidate_checked` event, or `candidate_failed` with the reason (for example too few samples for a held-out split) |
 | `serve` | serves the stored candidate (`candidate_served`) |
 | `revert` | if it serves the candidate, serves `served_version` again (`candidate_reverted`) |
 | `halt` | nothing: it keeps what it serves |
@@ -33,8 +33,27 @@ the candidate's (an older candidate never promoted) serves `served_version` agai
 newer candidate supersedes it. A promoted release is the existing retained release on
 `edgefl/{fleet}/release/manifest`, so a device that predates candidates (it never
 subscribes to the candidate topic) keeps following promoted releases, and a device that
-was offline gets the last promoted version. The device has no separate held-out split
-yet: the check uses every local sample, which training uses too.
+was offline gets the last promoted version.
+
+**`candidate_checked` metrics.** `candidate_accuracy`, `served_accuracy` (an inference
+call that errs counts as a wrong answer), `candidate_loss`, `served_loss` (omitted when
+not finite), `examples` (held-out samples) and `phase`; since the inference error-rate
+gate also `inference_calls` (calls per version, one per held-out sample),
+`candidate_error_rate` and `served_error_rate` (the share of those calls that raised or
+returned NaN or infinite values) and `train_examples` (the samples Fit trains on). The
+added keys are optional: an older cloud ignores them, and a cloud reading a report
+without them leaves that device out of the phase's error rates (a phase where no report
+has them is not gated on the rate). The metrics map holds finite numbers only: a figure
+that is not finite is left out, never sent.
+
+**Held-out split.** A device splits its samples by their content: BLAKE2b (8-byte
+digest, person `edgefl-split-v1`) over a sample's input (float32 little-endian) and label
+(int32 little-endian), read big-endian and divided by 2^64, is its key in [0, 1); the
+`max(count of keys < [data] holdout_fraction, [data] min_holdout)` samples with the
+lowest keys are held out, the rest are trained on (defaults 0.2 and 10). `Fit` trains on
+the train part only; `Evaluate` and the check use the held-out part only. A device with
+fewer than `2 * min_holdout` samples has no split: `Fit` trains on all of them, and
+`Evaluate` and the check refuse (`FAILED_PRECONDITION`, `candidate_failed`).
 
 After its broker restarted (it may have come back from an older autosave) and when a
 restarted cloud resumes a rollout it stored, the cloud puts the candidate topic back: a running candidate goes out again, chunks first, with

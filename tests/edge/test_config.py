@@ -109,6 +109,8 @@ BAD_EDGE_VALUES: dict[tuple[str, str], object] = {
     ("training", "seed"): -1,
     ("data", "capacity"): 0,
     ("data", "max_mb"): -1,
+    ("data", "holdout_fraction"): 0.6,
+    ("data", "min_holdout"): 0,
     ("mqtt", "host"): "",
     ("mqtt", "port"): 0,
     ("mqtt", "keepalive"): 0,

@@ -15,6 +15,7 @@ import pytest
 from devices.datasets import Dataset, device_partitions, load_digits
 from edge.config import load_settings
 from edge.litert_model import LiteRTModel
+from edge.local_data_split import split_samples
 from edge.server import EdgeServer
 from protos import codec
 from protos.edgefl.v1 import trainer_pb2, trainer_pb2_grpc
@@ -98,9 +99,10 @@ def test_fit_on_an_iid_fifth_reaches_90_percent(
         fit_request(device.weights, server_round=3, epochs=40, seed=1), timeout=300
     )
 
-    assert reply.num_examples == len(part)
+    train = len(split_samples(part.x, part.y).train)  # the held-out part is not trained on
+    assert reply.num_examples == train < len(part)
     assert {"loss", "accuracy", "examples", "seconds", "steps"} <= set(reply.metrics)
-    assert reply.metrics["examples"] == len(part) and reply.metrics["seconds"] > 0
+    assert reply.metrics["examples"] == train and reply.metrics["seconds"] > 0
     new_weights = codec.tensors_from_proto(reply.weights)
     assert sorted(new_weights) == sorted(device.weights)
     model = LiteRTModel.load(mlp_model_dir)
@@ -114,15 +116,16 @@ def test_fit_on_an_iid_fifth_reaches_90_percent(
     assert device.server.node.state()["last_round"] == 3
 
 
-def test_evaluate_uses_all_local_samples(device: Device, digits: Dataset) -> None:
+def test_evaluate_uses_the_heldout_part(device: Device, digits: Dataset) -> None:
     part = device_partitions(digits, 5, scheme="iid", seed=0)[1]
     device.server.node.data.load_partition(part.x, part.y)
     reply = device.trainer.Evaluate(
         trainer_pb2.EvaluateRequest(weights=codec.tensors_to_proto(device.weights)), timeout=60
     )
-    assert reply.num_examples == len(part)
+    held = split_samples(part.x, part.y).heldout
+    assert reply.num_examples == len(held) < len(part)
     model = device.server.node.serving.require()
-    expected = float(np.mean(model.infer(part.x).argmax(axis=1) == part.y))
+    expected = float(np.mean(model.infer(part.x[held]).argmax(axis=1) == part.y[held]))
     assert reply.metrics["accuracy"] == pytest.approx(expected)
     assert reply.loss > 0
 
@@ -236,3 +239,18 @@ def test_without_a_model_fit_is_unavailable(tmp_path: Path) -> None:
         server.stop(grace=0)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "no model is loaded" in (info.value.details() or "")
+
+
+def test_evaluate_without_a_heldout_part_is_a_failed_precondition(
+    device: Device, digits: Dataset
+) -> None:
+    device.server.node.data.load_partition(digits.train.x[:12], digits.train.y[:12])
+    with pytest.raises(grpc.RpcError) as info:
+        device.trainer.Evaluate(
+            trainer_pb2.EvaluateRequest(weights=codec.tensors_to_proto(device.weights)),
+            timeout=60,
+        )
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "too little local data for a held-out split: 12 samples" in (
+        info.value.details() or ""
+    )

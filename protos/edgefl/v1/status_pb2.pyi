@@ -197,7 +197,8 @@ class DeviceEvent(_message.Message):
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Figures that go with the event, e.g. a candidate_checked event's
-        candidate_accuracy, served_accuracy, examples and phase.
+        candidate_accuracy, served_accuracy, examples and phase, and (optional keys)
+        candidate_error_rate, served_error_rate and inference_calls.
         """
 
     def __init__(

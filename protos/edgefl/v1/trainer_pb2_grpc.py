@@ -50,14 +50,17 @@ class TrainerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Fit(self, request, context):
-        """Load `weights`, train on local data as `config` says, return the new weights.
+        """Load `weights`, train on the train part of the local data as `config` says (the
+        held-out part is never trained on), return the new weights.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Evaluate(self, request, context):
-        """Load `weights` and evaluate them on local data. Serving is not affected.
+        """Load `weights` and evaluate them on the held-out part of the local data
+        (FAILED_PRECONDITION when the device holds too few samples for one). Serving is
+        not affected.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -34,17 +34,27 @@ class TrainerStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TrainerAsyncStub: ...
     Fit: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.FitRequest, _trainer_pb2.FitResponse]
-    """Load `weights`, train on local data as `config` says, return the new weights."""
+    """Load `weights`, train on the train part of the local data as `config` says (the
+    held-out part is never trained on), return the new weights.
+    """
     Evaluate: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.EvaluateRequest, _trainer_pb2.EvaluateResponse]
-    """Load `weights` and evaluate them on local data. Serving is not affected."""
+    """Load `weights` and evaluate them on the held-out part of the local data
+    (FAILED_PRECONDITION when the device holds too few samples for one). Serving is
+    not affected.
+    """
 
 @_typing.type_check_only
 class TrainerAsyncStub(TrainerStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Fit: _aio.UnaryUnaryMultiCallable[_trainer_pb2.FitRequest, _trainer_pb2.FitResponse]  # type: ignore[assignment]
-    """Load `weights`, train on local data as `config` says, return the new weights."""
+    """Load `weights`, train on the train part of the local data as `config` says (the
+    held-out part is never trained on), return the new weights.
+    """
     Evaluate: _aio.UnaryUnaryMultiCallable[_trainer_pb2.EvaluateRequest, _trainer_pb2.EvaluateResponse]  # type: ignore[assignment]
-    """Load `weights` and evaluate them on local data. Serving is not affected."""
+    """Load `weights` and evaluate them on the held-out part of the local data
+    (FAILED_PRECONDITION when the device holds too few samples for one). Serving is
+    not affected.
+    """
 
 class TrainerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -53,7 +63,9 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         request: _trainer_pb2.FitRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.FitResponse, _abc.Awaitable[_trainer_pb2.FitResponse]]:
-        """Load `weights`, train on local data as `config` says, return the new weights."""
+        """Load `weights`, train on the train part of the local data as `config` says (the
+        held-out part is never trained on), return the new weights.
+        """
 
     @_abc_1.abstractmethod
     def Evaluate(
@@ -61,6 +73,9 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         request: _trainer_pb2.EvaluateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.EvaluateResponse, _abc.Awaitable[_trainer_pb2.EvaluateResponse]]:
-        """Load `weights` and evaluate them on local data. Serving is not affected."""
+        """Load `weights` and evaluate them on the held-out part of the local data
+        (FAILED_PRECONDITION when the device holds too few samples for one). Serving is
+        not affected.
+        """
 
 def add_TrainerServicer_to_server(servicer: TrainerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
