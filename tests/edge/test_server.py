@@ -200,7 +200,7 @@ def test_restart_serves_the_last_version_and_keeps_data(
                     weights=codec.tensors_to_proto(model_weights(mlp_model_dir))
                 )
             )
-            assert reply.num_examples == 20
+            assert reply.num_examples == 10  # the held-out part: [data] min_holdout of 20
         np.testing.assert_array_equal(second.node.serving.infer(x)[1], expected)
     finally:
         second.stop(grace=0)
