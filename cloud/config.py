@@ -219,6 +219,11 @@ class RolloutSection:
     phase's checks weighted by their samples) a phase may show."""
     max_install_failures: int = 0
     """Most devices of a phase whose install or check of the candidate may fail."""
+    max_inference_error_rate: str = "0"
+    """Largest inference error rate of the candidate in a phase: its inference calls on
+    the devices' held-out samples that raised or gave NaN/infinite outputs, over all its
+    calls in the phase's checks. One rate in [0, 1] for every phase, or one per phase,
+    comma-separated ("0, 0, 0.01")."""
     soak_s: float = 5.0
     """Seconds a phase stays open at least, even when every device has reported."""
     phase_timeout_s: float = 120.0

@@ -9,7 +9,9 @@ drives the phases of ``[rollout] phases``:
    of phase n, the fleet's served version) goes out, retained, on
    ``topics.release_candidate``; its chunks on the usual chunk topics. Devices of the
    cohort (:mod:`protos.cohort`) store it beside the served version, evaluate both on
-   their local data and report ``candidate_checked`` (or ``candidate_failed``) events.
+   the held-out part of their local data (accuracy, and the share of inference calls
+   that raised or gave non-finite outputs) and report ``candidate_checked`` (or
+   ``candidate_failed``) events.
    The phase's cohort, as the controller counts it, is the devices online at the start
    of the phase whose cohort position is below the bound. A phase that begins with no
    device online (a fresh fleet's first round) takes its cohort when devices come
@@ -386,7 +388,9 @@ class RolloutController:
             complete = bool(ph.cohort) and ph.cohort <= answered and elapsed >= self.policy.soak_s
             if not complete and elapsed < self.policy.phase_timeout_s:
                 return
-            result = evaluate_gate(self.policy, ph.reports, set(ph.failed), ph.cohort)
+            result = evaluate_gate(
+                self.policy, ph.reports, set(ph.failed), ph.cohort, phase=ph.number
+            )
             ph.result = result
             ph.decided_wall = time.time()
             figures = {

@@ -16,10 +16,13 @@ Document (format 1)::
      "phases": [{"number": 1, "fraction": 0.1, "min_devices": 1, "cohort_ppm": …,
                  "cohort": ["dev-1"], "started_wall": …, "decided_wall": null,
                  "reports": {"dev-1": {"candidate_accuracy": …, "served_accuracy": …,
-                                       "examples": …}},
+                                       "examples": …, "candidate_error_rate": …,
+                                       "served_error_rate": …, "inference_calls": …}},
                  "failed": {"dev-2": "install: …"}, "result": null | {GateResult fields}}]}
 
-Times are seconds since the Unix epoch; non-finite figures are stored as null. The
+The inference figures of a report and of a result are optional (a document stored
+before them has none; a device that does not report them gives none). Times are seconds
+since the Unix epoch; non-finite figures are stored as null. The
 package bytes are not stored (the registry holds them under the version).
 """
 
@@ -226,14 +229,7 @@ def _phase_to_state(ph: Phase) -> dict[str, Any]:
         "cohort": sorted(ph.cohort),
         "started_wall": ph.started_wall,
         "decided_wall": ph.decided_wall,
-        "reports": {
-            d: {
-                "candidate_accuracy": r.candidate_accuracy,
-                "served_accuracy": r.served_accuracy,
-                "examples": r.examples,
-            }
-            for d, r in sorted(ph.reports.items())
-        },
+        "reports": {d: r.to_metrics() for d, r in sorted(ph.reports.items())},
         "failed": dict(sorted(ph.failed.items())),
         "result": result,
     }
@@ -257,6 +253,11 @@ def _get(doc: Any, key: str, kind: type | tuple[type, ...], *, none: bool = Fals
     if isinstance(value, float) and not math.isfinite(value):
         raise RolloutStateError(f"{key!r} is not finite")
     return value
+
+
+def _optional(doc: dict[str, Any], key: str, kind: type) -> Any:
+    """``doc[key]`` checked like :func:`_get`, or None when missing or null."""
+    return _get(doc, key, kind, none=True) if key in doc else None
 
 
 def _nan(value: Any) -> float:
@@ -289,6 +290,11 @@ def _phase_from_state(doc: Any, now_wall: float, now_mono: float) -> Phase:
             accuracy_drop=_nan(_get(raw, "accuracy_drop", float, none=True)),
             candidate_accuracy=_nan(_get(raw, "candidate_accuracy", float, none=True)),
             served_accuracy=_nan(_get(raw, "served_accuracy", float, none=True)),
+            # Inference figures (optional: a state stored before them has none).
+            candidate_error_rate=_nan(_optional(raw, "candidate_error_rate", float)),
+            served_error_rate=_nan(_optional(raw, "served_error_rate", float)),
+            inference_calls=_optional(raw, "inference_calls", int) or 0,
+            max_inference_error_rate=_nan(_optional(raw, "max_inference_error_rate", float)),
         )
     fraction = _get(doc, "fraction", float)
     if not 0 < fraction <= 1:

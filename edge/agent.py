@@ -689,20 +689,24 @@ class Agent:
             return
         figures["phase"] = float(m.phase)
         logger.info(
-            "candidate %d phase %d: accuracy %.4f vs served %.4f on %d samples",
+            "candidate %d phase %d: accuracy %.4f vs served %.4f on %d held-out samples",
             m.version,
             m.phase,
             figures["candidate_accuracy"],
             figures["served_accuracy"],
             int(figures["examples"]),
         )
-        self._emit_event(
-            EVENT_CANDIDATE_CHECKED,
+        detail = (
             f"phase {m.phase}: candidate accuracy {figures['candidate_accuracy']:.4f}, "
-            f"served version {m.served_version} {figures['served_accuracy']:.4f}",
-            m.version,
-            figures,
+            f"served version {m.served_version} {figures['served_accuracy']:.4f}"
         )
+        if "candidate_error_rate" in figures:
+            detail += (
+                f"; inference error rate {figures['candidate_error_rate']:.4f} vs "
+                f"{figures.get('served_error_rate', float('nan')):.4f} "
+                f"({int(figures.get('inference_calls', 0))} calls each)"
+            )
+        self._emit_event(EVENT_CANDIDATE_CHECKED, detail, m.version, figures)
 
     def _activate(self, m: codec.Manifest, version: int, kind: str, why: str) -> None:
         node: Any = self.node

@@ -480,8 +480,10 @@
       : "Rollouts are not available on this server (or need the operator token).";
     const all = data ? data.history.slice().reverse() : [];
     if (data && data.active && data.active.status === "running") all.unshift(data.active);
+    const errors = (f) => (f.candidate_error_rate === null || f.candidate_error_rate === undefined) ? "" :
+      ", inference errors " + fmt(f.served_error_rate, 3) + " → " + fmt(f.candidate_error_rate, 3);
     const accuracy = (f) => "accuracy " + fmt(f.served_accuracy, 3) + " → " + fmt(f.candidate_accuracy, 3) +
-      " (drop " + fmt(f.accuracy_drop, 3) + "), " + f.failures + " failed";
+      " (drop " + fmt(f.accuracy_drop, 3) + ")" + errors(f) + ", " + f.failures + " failed";
     /** The last phase's gate figures; while it runs, its checks so far, after the figures
      * of the phase decided before it (so a passed phase's figures stay in view). */
     function gateFigures(phases) {
