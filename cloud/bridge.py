@@ -31,6 +31,9 @@ from protos import topics
 
 #: Seconds Mosquitto waits before reconnecting a bridge that dropped: first, then at most.
 RESTART_TIMEOUT_S = (1, 30)
+#: Bridge keepalive bounds (seconds): Mosquitto refuses below 5; MQTT's field holds 65535.
+MIN_KEEPALIVE_S = 5
+MAX_KEEPALIVE_S = 65535
 
 
 class BridgeError(CloudError, ValueError):
@@ -71,6 +74,10 @@ class BridgeConfig:
             value = getattr(self, name)
             if value is not None and (not value or any(c.isspace() for c in value)):
                 problems.append(f"{name} must be non-empty and without whitespace")
+        if not MIN_KEEPALIVE_S <= self.keepalive <= MAX_KEEPALIVE_S:
+            problems.append(
+                f"keepalive {self.keepalive} s is not within {MIN_KEEPALIVE_S}..{MAX_KEEPALIVE_S}"
+            )
         if (self.remote_username is None) != (self.remote_password is None):
             problems.append("remote_username and remote_password go together")
         if problems:

@@ -304,6 +304,7 @@ COMMAND_TESTS = {
     "cloud status": "tests/cloud/test_cloud_cli.py::test_one_cloud_per_data_dir_status_and_pin_find_it",
     "cloud model list": "tests/cloud/test_cloud_settings.py::test_model_list_shows_versions_and_the_current_one",
     "cloud model pin": "tests/cloud/test_cloud_cli.py::test_one_cloud_per_data_dir_status_and_pin_find_it",
+    "cloud bridge-config": "tests/e2e/test_bridges.py::test_releases_reach_devices_on_every_regional_broker_and_survive_a_restart",
     "devices profiles": "tests/devices/test_profiles.py::test_cli_lists_profiles",
     "devices flash": "tests/devices/test_flash.py::test_cli_flash_twice",
     "devices revoke": "tests/devices/test_flash.py::test_cli_flash_twice",

@@ -1,7 +1,7 @@
 """One fleet over three brokers: a cloud broker and two regional brokers bridged to it.
 
-Real Mosquitto processes (the regional ones with :class:`cloud.bridge.BridgeConfig`),
-real agents with on-disk model stores on both regions, the real Publisher and
+Real Mosquitto processes (the regional ones run the config ``edgefl cloud bridge-config``
+writes, the command run as a subprocess), real agents with on-disk model stores on both regions, the real Publisher and
 FleetMonitor on the cloud broker. Releases published on the cloud reach every device;
 statuses come back over the bridges; a regional broker that is down while a release is
 published gets it once it is back, and so do its devices and a device that joins later.
@@ -9,6 +9,8 @@ published gets it once it is back, and so do its devices and a device that joins
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,15 +18,17 @@ from typing import Any
 import pytest
 
 from cloud.bridge import BridgeConfig, BridgeError
-from cloud.broker import Broker
+from cloud.broker import Broker, BrokerConfig
 from cloud.fleet_monitor import FleetMonitor
 from cloud.publisher import Publisher
 from edge.agent import Agent, AgentSettings
+from edge.process import free_port
 from tests.edge.test_agent import FLEET, FleetKeys, StoreNode, fleet_keys, make_package
 from tests.fixtures.broker import BrokerFactory
 
 __all__ = ["fleet_keys"]  # the fixture, shared with the agent tests
 
+EDGEFL = str(Path(sys.executable).parent / "edgefl")
 WAIT_S = 60.0
 REGIONS = ("eu", "us")
 PER_REGION = 3
@@ -46,16 +50,47 @@ def test_bridge_settings_are_checked_and_rendered() -> None:
         assert problem in message
 
 
+def bridge_config(region: str, cloud: Broker, port: int, data_dir: Path) -> str:
+    """The regional broker's mosquitto.conf, as ``edgefl cloud bridge-config`` writes it."""
+    proc = subprocess.run(
+        [
+            EDGEFL,
+            "cloud",
+            "bridge-config",
+            "--region",
+            region,
+            "--fleet",
+            FLEET,
+            "--cloud-broker",
+            f"{cloud.host}:{cloud.port}",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 @pytest.fixture
-def brokers(broker_factory: BrokerFactory) -> dict[str, Broker]:
+def brokers(broker_factory: BrokerFactory, tmp_path: Path) -> Iterator[dict[str, Broker]]:
     cloud = broker_factory("cloud")
     out = {"cloud": cloud}
-    for region in REGIONS:
-        bridge = BridgeConfig(
-            region=region, fleet=FLEET, remote_host=cloud.host, remote_port=cloud.port
-        )
-        out[region] = broker_factory(region, bridges=(bridge,))
-    return out
+    try:
+        for region in REGIONS:
+            port, data_dir = free_port(), tmp_path / region
+            text = bridge_config(region, cloud, port, data_dir)
+            config = BrokerConfig(port=port, data_dir=data_dir)
+            out[region] = Broker(config, conf_text=text).start()
+        yield out
+    finally:
+        for region in REGIONS:
+            if region in out:
+                out[region].stop()
 
 
 @pytest.fixture
