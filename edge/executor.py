@@ -4,12 +4,13 @@
 message it receives and waits for an executor on its runtime API (its ``--port``).
 :class:`TaskExecutor` is that executor, inside ``edgefl edge up``. For each task it
 does what Flower's ``flwr-clientapp`` process does (``flwr.supernode.runtime.
-run_clientapp``), minus the process and minus the FAB:
+run_clientapp``), minus the process and minus the FAB, over the runtime API client of
+:mod:`edge.runtime_api` (Flower's own client imports 21 MB of web and CLI packages):
 
 1. ``AcquireTask`` (signed with the SuperExec auth secret the SuperNode was started
    with, so no other local process can take the device's tasks) → a task token;
-2. ``pull_task_input`` → message, context, run (and the FAB, which is dropped: it is
-   never unpacked, put on ``sys.path`` or imported), bounded by ``input_timeout_s``:
+2. ``pull_task_input`` → message and context (the FAB is never unpacked, put on
+   ``sys.path`` or imported), bounded by ``input_timeout_s``:
    Flower's own pull retries a missing object for up to two hours, and a SuperNode that
    reconnected to a restarted SuperLink can hand out a task whose message it then ignores
    (its run is no longer running). Unbounded, that one task would keep the device busy,
@@ -27,9 +28,9 @@ with an error message naming the reason; the Trainer stops between two steps and
 owns its interpreter, so the served model, the model store and the local samples
 are untouched and the next task trains as usual.
 
-Flower internals used here are pinned by ``flwr==1.42.0`` and checked by
-``tests/edge/test_executor_flower_api.py``, which fails loudly when an upgrade
-changes them.
+Flower internals used here and in :mod:`edge.runtime_api` are pinned by
+``flwr==1.42.0`` and checked by ``tests/edge/test_executor_flower_api.py``, which fails
+loudly when an upgrade changes them.
 """
 
 from __future__ import annotations
@@ -54,16 +55,15 @@ from flwr.common.constant import (
 )
 from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest
 from flwr.supercore.constant import TaskType
-from flwr.supercore.interceptors import (
-    RuntimeTokenHttpInterceptor,
-    RuntimeVersionHttpInterceptor,
-    SuperExecAuthHttpInterceptor,
-)
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from edge.errors import EdgeError, TaskInputUnavailable, TaskRefused, TrainingCancelled
 from edge.run_approval import APPROVAL_KEY, ApprovalError, verify_approval
+from edge.runtime_api import (
+    RuntimeApiClient,
+    pull_task_input,
+    push_message,
+    push_task_output,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +79,6 @@ CANCEL_GRACE_S = 10.0
 #: Seconds between task heartbeats (the SuperNode fails a task after
 #: ``HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL`` s without one).
 HEARTBEAT_EVERY_S = HEARTBEAT_DEFAULT_INTERVAL / 3
-#: The ``AcquireTask`` method the SuperExec auth secret signs.
-ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 
 #: Error codes of the replies (Flower's own ``ErrorCode`` values).
 REFUSED_CODE = ErrorCode.INVALID_FAB
@@ -123,7 +121,7 @@ def error_reason(exc: BaseException) -> str:
 class _Heartbeat:
     """Keeps one task alive; a refused heartbeat (run stopped, task expired) cancels it."""
 
-    def __init__(self, client: RuntimeHttpClient, cancel: threading.Event) -> None:
+    def __init__(self, client: RuntimeApiClient, cancel: threading.Event) -> None:
         self._client = client
         self._cancel = cancel
         self._stop = threading.Event()
@@ -213,20 +211,11 @@ class TaskExecutor:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def _acquire_client(self) -> RuntimeHttpClient:
-        interceptors: list[object] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
-        if self.auth_secret:
-            interceptors.append(
-                SuperExecAuthHttpInterceptor(
-                    master_secret=self.auth_secret, protected_methods={ACQUIRE_METHOD}
-                )
-            )
-        # No retry invoker: Flower's default one signals the whole process on errors.
-        return RuntimeHttpClient.from_server_address(
-            self.runtime_address,
-            insecure=True,
-            root_certificates=None,
-            interceptors=interceptors,  # type: ignore[arg-type]
+    def _acquire_client(self) -> RuntimeApiClient:
+        # ``AcquireTask`` is signed with the auth secret; no retries in the client: the
+        # loop below decides when to try again.
+        return RuntimeApiClient(
+            self.runtime_address, "SuperExec", auth_secret=self.auth_secret or None
         )
 
     def _loop(self) -> None:
@@ -322,16 +311,8 @@ class TaskExecutor:
             f": {reason}" if reason else "",
         )
 
-    def _task_client(self, token: str) -> RuntimeHttpClient:
-        return RuntimeHttpClient.from_server_address(
-            self.runtime_address,
-            insecure=True,
-            root_certificates=None,
-            interceptors=[
-                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                RuntimeTokenHttpInterceptor(token),
-            ],
-        )
+    def _task_client(self, token: str) -> RuntimeApiClient:
+        return RuntimeApiClient(self.runtime_address, "flwr-clientapp", token=token)
 
     def _pull_input(self, token: str) -> tuple[Message, Context]:
         """The task's message and context, or :class:`TaskInputUnavailable` in time.
@@ -344,9 +325,8 @@ class TaskExecutor:
 
         def pull() -> None:
             try:
-                message, context, _run, fab = pull_task_input(client)
-                del fab  # never unpacked, never on sys.path, never imported
-                pulled.set_result((message, context))
+                # The FAB is never pulled apart, put on sys.path or imported.
+                pulled.set_result(pull_task_input(client))
             except BaseException as exc:
                 pulled.set_exception(exc)
 

@@ -25,52 +25,119 @@ def test_flower_is_the_pinned_version() -> None:
     assert version == PINNED, (
         f"flwr {version} is installed; edge.executor was written against flwr {PINNED}. "
         "Re-read flwr.supernode.runtime.run_clientapp and flwr.supercore.* and update "
-        "edge/executor.py and this file before changing the pin."
+        "edge/executor.py, edge/runtime_api.py and this file before changing the pin."
     )
 
 
-def test_run_clientapp_task_functions_keep_their_signatures() -> None:
-    from flwr.supernode.runtime import run_clientapp as rc
-
-    expected = {
-        "pull_task_input": ["client"],
-        "push_message": ["client", "message", "context"],
-        "push_task_output": ["client", "context", "sub_status", "details"],
-    }
-    for name, params in expected.items():
-        fn = getattr(rc, name, None)
-        assert fn is not None, f"flwr.supernode.runtime.run_clientapp.{name} is gone"
-        assert _params(fn) == params, (
-            f"run_clientapp.{name}{inspect.signature(fn)} changed; edge.executor calls it "
-            f"with {params}"
-        )
-
-
-def test_the_runtime_http_client_has_the_calls_the_executor_makes() -> None:
+def test_the_runtime_api_paths_and_messages_are_flowers() -> None:
+    """edge.runtime_api calls the same paths with the same messages as Flower's own client."""
     from flwr.supercore.runtime import RuntimeHttpClient
 
-    for method in (
-        "AcquireTask",
-        "SendTaskHeartbeat",
-        "PullTaskInput",
-        "PullMessages",
-        "PullObject",
-        "ConfirmMessageReceived",
-        "PushMessages",
-        "PushObject",
-        "PushTaskOutput",
-        "close",
-    ):
-        assert callable(getattr(RuntimeHttpClient, method, None)), (
-            f"flwr.supercore.runtime.RuntimeHttpClient.{method} is gone"
+    from edge import runtime_api
+
+    calls = {
+        "AcquireTask": "acquire-task",
+        "SendTaskHeartbeat": "send-task-heartbeat",
+        "PullTaskInput": "pull-task-input",
+        "PullMessages": "pull-messages",
+        "PullObject": "pull-object",
+        "ConfirmMessageReceived": "confirm-message-received",
+        "PushMessages": "push-messages",
+        "PushObject": "push-object",
+        "PushTaskOutput": "push-task-output",
+    }
+    for method, path in calls.items():
+        theirs = getattr(RuntimeHttpClient, method, None)
+        assert theirs is not None, f"flwr's RuntimeHttpClient.{method} is gone"
+        source = inspect.getsource(theirs)
+        assert f'path="{runtime_api.PATH_PREFIX}{path}"' in source, (
+            f"Flower's {method} no longer posts to {runtime_api.PATH_PREFIX}{path}:\n{source}"
         )
-    params = _params(RuntimeHttpClient.from_server_address)
-    assert params[:4] == ["server_address", "insecure", "root_certificates", "interceptors"], (
-        f"RuntimeHttpClient.from_server_address{inspect.signature(RuntimeHttpClient.from_server_address)} changed"
+        assert f'"/flwr.proto.Runtime/{method}"' in source
+        ours = inspect.getsource(getattr(runtime_api.RuntimeApiClient, method))
+        assert f'"{path}"' in ours, f"edge.runtime_api's {method} posts elsewhere"
+        hints = inspect.get_annotations(theirs, eval_str=True)
+        our_hints = inspect.get_annotations(
+            getattr(runtime_api.RuntimeApiClient, method), eval_str=True
+        )
+        assert (hints["request"], hints["return"]) == (our_hints["request"], our_hints["return"]), (
+            f"{method}: Flower now sends {hints['request']} and gets {hints['return']}"
+        )
+
+
+def test_the_wire_format_and_headers_are_flowers() -> None:
+    from flwr.supercore.constant import (
+        FLWR_COMPONENT_NAME_METADATA_KEY,
+        FLWR_PACKAGE_NAME_METADATA_KEY,
+        FLWR_PACKAGE_VERSION_METADATA_KEY,
+        TASK_TOKEN_HEADER,
     )
-    assert "retry_invoker" in params, (
-        "from_server_address lost retry_invoker (the executor passes none)"
+    from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
+    from flwr.supercore.protobuf.constants import PROTOBUF_MEDIA_TYPE
+    from flwr.supercore.runtime_version_compatibility import RuntimeVersionMetadata
+
+    from edge import runtime_api
+
+    assert runtime_api.PROTOBUF_MEDIA_TYPE == PROTOBUF_MEDIA_TYPE
+    assert TASK_TOKEN_HEADER == "flwr-task-token"
+    version = dict(RuntimeVersionMetadata.from_local_component("x").as_metadata())
+    assert set(version) == {
+        FLWR_PACKAGE_NAME_METADATA_KEY,
+        FLWR_PACKAGE_VERSION_METADATA_KEY,
+        FLWR_COMPONENT_NAME_METADATA_KEY,
+    }, f"Flower's runtime version headers changed: {sorted(version)}"
+    # Flower signs AcquireTask with these helpers, as edge.runtime_api does.
+    source = inspect.getsource(SuperExecAuthHttpInterceptor)
+    assert "derive_auth_secret(master_secret)" in source
+    assert "create_superexec_auth_metadata(" in source
+
+
+def test_the_task_helpers_do_what_run_clientapp_does() -> None:
+    """Our pull/push follow run_clientapp's: the same Flower helpers in the same roles."""
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    for name, helpers in {
+        "pull_task_input": (
+            "pull_and_inflate_object_from_tree",
+            "make_pull_object_fn_protobuf",
+            "make_confirm_message_received_fn_protobuf",
+            "context_from_proto",
+            '__dict__["_message_id"] = object_tree.object_id',
+        ),
+        "push_message": (
+            "remove_content_from_message",
+            "no_object_id_recompute",
+            "get_object_tree",
+            "get_all_nested_objects",
+            "make_push_object_fn_protobuf",
+            "session_id=push_msg_res.session_id",
+            "object_ids_to_push",
+        ),
+        "push_task_output": ("context_to_proto", "sub_status=sub_status", "details=details"),
+    }.items():
+        source = inspect.getsource(getattr(rc, name))
+        for helper in helpers:
+            assert helper in source, (
+                f"flwr's run_clientapp.{name} no longer uses {helper}: re-read it and "
+                "update edge/runtime_api.py"
+            )
+
+
+def test_the_device_process_does_not_import_flowers_web_and_cli_stack() -> None:
+    """The executor's imports stay light: FastAPI & co. cost a 512 MB device ~21 MB."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, edge.cli, edge.commands, edge.executor, edge.supervisor, edge.clientapp;"
+        "heavy = [m for m in ('fastapi', 'starlette', 'pydantic', 'requests', 'yaml',"
+        " 'flwr.cli', 'flwr.supernode.runtime.run_clientapp') if m in sys.modules];"
+        "print(','.join(heavy))"
     )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "", f"a device process now imports {out.stdout.strip()}"
 
 
 def test_interceptors_and_protobufs_keep_their_shape() -> None:
@@ -80,19 +147,7 @@ def test_interceptors_and_protobufs_keep_their_shape() -> None:
         SendTaskHeartbeatRequest,
         SendTaskHeartbeatResponse,
     )
-    from flwr.supercore.interceptors import (
-        RuntimeTokenHttpInterceptor,
-        RuntimeVersionHttpInterceptor,
-        SuperExecAuthHttpInterceptor,
-    )
 
-    assert _params(RuntimeTokenHttpInterceptor.__init__) == ["self", "token"]
-    assert _params(RuntimeVersionHttpInterceptor.__init__) == ["self", "component_name"]
-    assert _params(SuperExecAuthHttpInterceptor.__init__) == [
-        "self",
-        "master_secret",
-        "protected_methods",
-    ], "SuperExecAuthHttpInterceptor changed: AcquireTask auth would break"
     for message, fields in (
         (AcquireTaskRequest, {"supported_task_types"}),
         (AcquireTaskResponse, {"task", "token"}),
