@@ -24,7 +24,12 @@ def register(subparsers: Any) -> None:
         "flash",
         help="make a device bundle (identity, config, trust anchors, units) and enrol it",
     )
-    p.add_argument("--profile", required=True, help="board profile (see `edgefl devices profiles`)")
+    p.add_argument(
+        "--profile",
+        required=True,
+        help="board profile: a shipped one (see `edgefl devices profiles`) or the path of "
+        "your own profile .toml",
+    )
     p.add_argument("--name", required=True, help="device id, unique in the fleet")
     p.add_argument(
         "--cloud",

@@ -272,7 +272,14 @@ def list_profiles() -> list[str]:
 
 
 def load_profile(name: str) -> Profile:
-    """Load a shipped profile by name; unknown names list the known ones."""
+    """Load a shipped profile by name, or an operator's own profile file by its path.
+
+    ``name`` is a path when it ends in ``.toml`` (a board the shipped profiles do not
+    cover, or a shipped one changed: copy it and rename both the file and its ``name``).
+    Unknown names list the known ones.
+    """
+    if name.endswith(".toml"):
+        return load_profile_file(Path(name).expanduser())
     path = profiles_dir() / f"{name}.toml"
     if not path.is_file():
         raise ProfileError(

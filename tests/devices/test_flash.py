@@ -85,7 +85,12 @@ def test_tarball_is_complete_and_secrets_are_0600(fleet: SecureFleet, tmp_path: 
         "data_dir": "/var/lib/edgefl",
     }
     assert config["litert"] == {"threads": 2, "delegate": "xnnpack"}  # the rpi4 profile's
-    assert config["data"] == {"capacity": 5000, "max_mb": 512}
+    assert config["data"] == {
+        "capacity": 5000,
+        "max_mb": 512,
+        "holdout_fraction": 0.2,
+        "min_holdout": 10,
+    }
     assert config["grpc"]["serving_threads"] == 1
     assert config["mqtt"]["username"] == "pi-01"
     assert config["mqtt"]["host"] == "cloud.lan"
@@ -247,11 +252,19 @@ def test_boot_bundle_modes_and_foreign_user_data_kept(
 def test_inference_only_board_has_no_supernode_and_its_config_loads(
     fleet: SecureFleet, tmp_path: Path
 ) -> None:
+    # An operator's own profile (a file, by path): the Zero 2 W made serve-only.
+    shipped = Path(__file__).resolve().parents[2] / "devices" / "profiles" / "rpi-zero-2w.toml"
+    own = tmp_path / "zero-serve.toml"
+    own.write_text(
+        shipped.read_text()
+        .replace('name = "rpi-zero-2w"', 'name = "zero-serve"')
+        .replace("[training]\nenabled = true", "[training]\nenabled = false")
+    )
     boot = tmp_path / "boot"
     boot.mkdir()
     result = flash(
         cloud_dir=fleet.data_dir,
-        profile="rpi-zero-2w",
+        profile=str(own),
         name="zero-1",
         cloud_host="cloud.lan",
         boot=boot,

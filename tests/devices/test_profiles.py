@@ -26,11 +26,30 @@ def test_shipped_profile_validates(name: str) -> None:
     assert profile.limits  # every board states what it cannot do
 
 
-def test_zero_2w_states_it_does_not_train() -> None:
+def test_zero_2w_trains_and_states_its_margin() -> None:
     zero = load_profile("rpi-zero-2w")
     assert zero.hardware.ram_mb == 512
-    assert zero.training.enabled is False
-    assert "SuperNode" in zero.limits
+    assert zero.training.enabled is True and zero.training.epochs == 1
+    assert "not on this board" in zero.limits and "MB" in zero.limits
+    assert "serve only" in zero.limits  # how to turn training off
+
+
+def test_an_operators_own_profile_file_loads_by_path(tmp_path: Path) -> None:
+    source = (Path(__file__).resolve().parents[2] / "devices" / "profiles" / "rpi-zero-2w.toml")
+    own = tmp_path / "zero-serve.toml"
+    own.write_text(
+        source.read_text()
+        .replace('name = "rpi-zero-2w"', 'name = "zero-serve"')
+        .replace("[training]\nenabled = true", "[training]\nenabled = false")
+    )
+    prof = load_profile(str(own))
+    assert prof.name == "zero-serve" and prof.training.enabled is False
+    with pytest.raises(ProfileError, match="cannot read"):
+        load_profile(str(tmp_path / "missing.toml"))
+    misnamed = tmp_path / "other.toml"
+    misnamed.write_text(own.read_text())
+    with pytest.raises(ProfileError):
+        load_profile(str(misnamed))  # its name must match its file name
 
 
 def test_unknown_key_and_bad_type_are_reported_together(tmp_path: Path) -> None:
@@ -83,4 +102,5 @@ def test_cli_lists_profiles() -> None:
     assert res.returncode == 0, res.stderr
     for name in SHIPPED:
         assert name in res.stdout
-    assert "serve only" in res.stdout  # the Zero 2 W
+    zero = next(line for line in res.stdout.splitlines() if line.startswith("rpi-zero-2w "))
+    assert "train+serve" in zero
