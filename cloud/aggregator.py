@@ -20,6 +20,8 @@ strategy from ``flwr.serverapp.strategy`` round by round itself, instead of call
   (:mod:`edge.run_approval`, content key ``edgefl-approval``), which the cloud
   supervisor wrote to ``data_dir/approvals/<run id>.json`` when it submitted the run;
   devices refuse messages without it.
+* **after a rollback**: a round whose starting version a staged rollout rolled back
+  trains from the fleet's last promoted version instead (:meth:`Aggregator.base_for_round`).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ RESUMABLE_STATUSES = ("running", "interrupted")
 #: Seconds to wait for the cloud supervisor's approval of this run (written right
 #: after ``flwr run`` returns the run id, which can be after this ServerApp started).
 APPROVAL_WAIT_S = 60.0
+#: Stored rollouts looked through for the version a round would train from.
+ROLLOUT_LOOKBACK = 50
 
 
 def make_strategy(settings: CloudSettings) -> Strategy:
@@ -235,6 +239,46 @@ class Aggregator:
                 latest.version, wait_s=self.settings.run.release_wait_s
             )
 
+    def base_for_round(
+        self, rnd: int, weights: dict[str, np.ndarray], parent: int | None
+    ) -> tuple[dict[str, np.ndarray], int | None]:
+        """The model round ``rnd`` trains from: ``weights`` (version ``parent``), unless a
+        staged rollout rolled ``parent`` back; then the fleet's current version (the last
+        promoted one), so a rejected model is not trained on further.
+
+        Looked at when the round starts: a rollout still in its phases then does not
+        change the round (the next candidate supersedes it). Recorded as a registry event
+        ``round base reset`` from ``cloud``.
+        """
+        if parent is None:
+            return weights, parent
+        stored = self.registry.list_rollouts(ROLLOUT_LOOKBACK)
+        if not any(r.version == parent and r.status == "rolled back" for r in stored):
+            return weights, parent
+        current = self.registry.current()
+        if current is None or current.version == parent:
+            return weights, parent
+        logger.warning(
+            "round %d trains from version %d, the fleet's promoted version: version %d was "
+            "rolled back",
+            rnd,
+            current.version,
+            parent,
+        )
+        from protos import codec
+
+        self.registry.record_event(
+            codec.DeviceEvent(
+                device_id="cloud",
+                timestamp_ms=int(time.time() * 1000),
+                kind="round base reset",
+                detail=f"round {rnd} trains from version {current.version}: "
+                f"version {parent} was rolled back",
+                version=current.version,
+            )
+        )
+        return self._weights_of(current.version), current.version
+
     def _weights_of(self, version: int) -> dict[str, np.ndarray]:
         from protos import codec
 
@@ -355,6 +399,7 @@ class Aggregator:
         outcomes: list[RoundOutcome] = []
         try:
             for rnd in range(first, self.num_rounds + 1):
+                weights, parent = self.base_for_round(rnd, weights, parent)
                 outcome = self._round(grid, run_id, rnd, weights, parent)
                 outcomes.append(outcome)
                 if outcome.version is not None and outcome.weights is not None:

@@ -16,9 +16,9 @@ candidate supersedes an older one, see :mod:`cloud.rollout`):
    the gate fails, the candidate is rolled back (a ``revert`` to the whole fleet), no
    device ever serves it, the fleet keeps serving the good version, and ``/api/rollouts`` shows the decision with its
    figures;
-3. the device's honest data is back: the next round starts from the poisoned global
-   model (FedAvg goes on from the newest aggregate), recovers, passes the gates, and
-   reaches every device.
+3. the device's honest data is back: the next round starts from the fleet's promoted
+   (good) version, not from the rolled-back aggregate (``round base reset``), passes the
+   gates, and reaches every device.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from cloud.config import RolloutSection
 from cloud.registry import Registry
 from devices.datasets import device_partitions, load_digits
 from edge.config import load_settings
+from edge.local_data_split import split_samples
 from protos import codec, cohort
 from protos import wire_keys as keys
 from protos.edgefl.v1 import local_data_pb2, local_data_pb2_grpc
@@ -131,7 +132,9 @@ def test_a_poisoned_fedavg_round_is_stopped_in_phase_one_and_the_next_round_roll
     poisoned_round = next(r for r in registry.list_rounds(run.id) if r.round == 1)  # type: ignore[union-attr]
     examples = {r.device_id: r.num_examples for r in poisoned_round.replies if r.ok}
     assert sorted(examples) == sorted(addresses), examples  # every device trained, FedAvg
-    assert examples[attacker] == BOOST * len(honest), examples
+    # It trains on the train part of its samples: copies of a sample share its side.
+    trained = len(split_samples(poisoned_x, poisoned_y).train)
+    assert examples[attacker] == trained and trained % BOOST == 0, examples
     bad_accuracy = _eval_accuracy(registry, v_bad)
     assert bad_accuracy < good_accuracy - 0.3, (good_accuracy, bad_accuracy)  # really bad
 
@@ -179,6 +182,10 @@ def test_a_poisoned_fedavg_round_is_stopped_in_phase_one_and_the_next_round_roll
     assert _load(bad_device.config, honest.x, honest.y) == len(honest)
     v_next = _run_one_round(stack, registry)
     assert v_next > v_bad
+    assert registry.get_version(v_next).parent_version == v_good, "trained from the good one"
+    assert any(
+        e.kind == "round base reset" and e.version == v_good for e in registry.list_events(500)
+    )
     _wait_event(registry, v_next, "rollout promoted", timeout=90)
     kinds = [k for k, _ in _events(registry, v_next)]
     assert kinds == [
