@@ -15,13 +15,26 @@ in batches and calls the callbacks; :attr:`FleetMonitor.backlog` is how many wai
 
 Statuses are subscribed with QoS 0, events with QoS 1. A status is periodic and retained:
 the next one (or the retained one, on a new subscription) supersedes any that is lost, so
-it needs no acknowledgement. At QoS 1, Mosquitto's in-flight window and one PUBACK round
-trip per status capped what the monitor received: 10,000 devices offered ~2,000
-statuses/s, the monitor got ~235/s and the rest piled up in the broker's queue, each one
-staler than the last (benchmarks/bench_telemetry.py). At QoS 0 the broker writes statuses
-to the socket as they come; under overload they are dropped, not queued, so what the
-registry shows stays as fresh as the monitor can read. Events (installs, rejections) are
-not periodic and keep QoS 1.
+it needs no acknowledgement; at QoS 1, Mosquitto's in-flight window and one PUBACK round
+trip per status capped what the monitor received. Events (installs, rejections) are not
+periodic and keep QoS 1.
+
+**10,000 devices** (one status every 5 s each: 2,000 a second) are what the receive
+path is built for (issue 18, ``benchmarks/bench_telemetry.py``). Measured there, the
+monitor received ~1,100-1,450 statuses/s and Mosquitto kept the rest *in its own
+per-client output queue*: QoS 0 messages to a connected client are queued (up to
+``max_queued_messages``), not dropped, and that queue shows neither in
+``$SYS/broker/store/messages/count`` nor in ``$SYS/broker/publish/messages/sent``
+(counted when written), only in the broker's memory and in the gap between what the
+devices sent and what the monitor received. The receive path was the limit: paho decodes
+every MQTT 5 PUBLISH's properties, and reads a packet with several small ``recv`` calls
+and one ``select`` each, all releasing and retaking the GIL the worker also needs. So the
+monitor speaks MQTT 3.1.1 (:data:`PROTOCOL`; it only receives, on a clean session) and
+reads its socket ahead (:class:`_ReadAheadSocket`), and its worker **coalesces** each
+batch (:meth:`FleetMonitor._coalesce`): a monitor that falls behind hands on only every
+device's latest status, counting the others in :attr:`FleetMonitor.superseded`. Every
+received message is counted exactly once: ``received == statuses_handled +
+events_handled + superseded + malformed + ignored + backlog``.
 
 Malformed payloads (anyone who may publish on the broker can send them) are logged and
 dropped; a callback that raises is logged and does not stop the monitor.
@@ -35,7 +48,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 
@@ -57,12 +70,19 @@ _T = TypeVar("_T")
 
 #: How many recent events the monitor keeps in memory.
 EVENT_HISTORY = 1000
-#: Most messages the worker takes off the queue for one batch of callbacks.
-MAX_BATCH = 1000
+#: Most messages the worker takes off the queue for one batch of callbacks. Large enough
+#: that a monitor behind by more than a status interval finds each device's statuses in
+#: one batch and keeps only the last (see ``FleetMonitor._coalesce``): 10,000 devices
+#: send 2,000 a second at the default interval.
+MAX_BATCH = 50_000
 #: Subscription QoS of device statuses (periodic, retained: superseded, never acknowledged).
 STATUS_QOS = 0
 #: Subscription QoS of device events (one-off: acknowledged, queued while the cloud is away).
 EVENT_QOS = 1
+#: MQTT version of the monitor's connection. It only receives, on a clean session, so it
+#: needs nothing of MQTT 5; paho's decoding of every MQTT 5 PUBLISH's properties took
+#: about half of its receive CPU (~120 µs per status at 5, ~55 µs at 3.1.1, #18).
+PROTOCOL = mqtt.MQTTv311
 #: Seconds the worker keeps collecting after a batch's first message. A registry write
 #: costs about a millisecond per transaction whatever its size: taking messages one by
 #: one as they trickle in spent ~0.5 ms of CPU per status and kept paho's network thread
@@ -72,7 +92,70 @@ BATCH_WAIT_S = 0.05
 #: broker's own limit is per message on every topic and must fit release chunks.
 MAX_REPORT_BYTES = 64 * 1024
 
+#: Bytes the monitor's socket reads per ``recv``. paho reads a packet with several small
+#: ``recv`` calls (type byte, each length byte, the rest) and one ``select`` per packet;
+#: every one of those releases the GIL, and with the worker busy each can wait for it.
+READ_AHEAD_BYTES = 256 * 1024
+#: Most packets the monitor's paho client handles from memory before it looks at the
+#: socket again (writes, keepalive).
+READ_AHEAD_PACKETS = 1000
+
 _STOP = ("", b"")
+_STATUS_SUFFIX = "/" + topics.device_status("f", "d").rsplit("/", 1)[-1]
+
+
+class _ReadAheadSocket:
+    """A socket whose ``recv`` reads up to :data:`READ_AHEAD_BYTES` at once and serves
+    paho's small reads from memory. ``pending()`` (what paho asks of a TLS socket) counts
+    the bytes held, so paho does not wait on ``select`` while any are left."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._held = bytearray()
+
+    def recv(self, size: int) -> bytes:
+        if not self._held:
+            data = self._sock.recv(READ_AHEAD_BYTES)  # may raise BlockingIOError
+            if not data:
+                return b""
+            self._held += data
+        out = bytes(self._held[:size])
+        del self._held[:size]
+        return out
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def pending(self) -> int:
+        inner = getattr(self._sock, "pending", None)
+        return len(self._held) + (inner() if inner is not None else 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _ReadAheadClient(mqtt.Client):
+    """paho's client, reading its socket through :class:`_ReadAheadSocket` and handling
+    every whole packet read so far in one ``loop_read`` (paho's own handles one).
+
+    ``_create_socket`` is paho's (2.2, pinned) internal; the fleet monitor tests run
+    this client against a real broker.
+    """
+
+    def _create_socket(self) -> Any:
+        return _ReadAheadSocket(super()._create_socket())  # type: ignore[misc]
+
+    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        rc = super().loop_read(max_packets)
+        for _ in range(READ_AHEAD_PACKETS):
+            sock = self._sock
+            if rc != mqtt.MQTT_ERR_SUCCESS or not isinstance(sock, _ReadAheadSocket):
+                break
+            if not sock.held:
+                break
+            rc = super().loop_read(max_packets)
+        return rc
 
 
 class FleetTimeout(CloudError, TimeoutError):
@@ -117,7 +200,10 @@ class FleetMonitor:
             host=host, port=port, username=username, password=password, ca_file=ca_file
         )
         self._client = make_client(
-            endpoint, client_id or unique_client_id(f"edgefl-monitor-{fleet}")
+            endpoint,
+            client_id or unique_client_id(f"edgefl-monitor-{fleet}"),
+            client_class=_ReadAheadClient,
+            protocol=PROTOCOL,
         )
         self._client.on_message = self._on_message
         self._conn = MqttConnection(
@@ -131,7 +217,21 @@ class FleetMonitor:
         self._cond = threading.Condition()
         self._statuses: dict[str, codec.DeviceStatus] = {}
         self._events: collections.deque[codec.DeviceEvent] = collections.deque(maxlen=EVENT_HISTORY)
+        # Counters, each written by one thread only. Every received message ends up in
+        # exactly one: received == statuses_handled + events_handled + superseded
+        # + malformed + ignored + backlog.
+        #: Messages the broker delivered (statuses and events, any topic).
+        self.received = 0
+        #: Statuses decoded and handed to the callbacks.
+        self.statuses_handled = 0
+        #: Events decoded and handed to the callbacks.
+        self.events_handled = 0
+        #: Statuses left out because a later one of the same device came in the same batch.
+        self.superseded = 0
+        #: Payloads that are not a valid status or event (or too large), logged and dropped.
         self.malformed = 0
+        #: Messages on topics that are not a device's status or event, or empty, dropped.
+        self.ignored = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -176,6 +276,7 @@ class FleetMonitor:
         )
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        self.received += 1
         self._inbox.put((msg.topic, bytes(msg.payload)))
 
     # -- worker --------------------------------------------------------------------------
@@ -203,15 +304,37 @@ class FleetMonitor:
             if stop:
                 return
 
+    def _coalesce(self, batch: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        """The batch without statuses that a later status on the same topic supersedes.
+
+        A status is the device's whole state and the next one replaces it, so only the
+        last of a device's statuses in a batch is decoded and handed on (events all are).
+        A monitor that fell behind thus catches up with the fleet's current state in
+        one batch instead of replaying each stale status; :attr:`superseded` counts those
+        left out. The retained OFFLINE Last Will is a status too: whichever of it and a
+        device's own status came last is kept, as handling both in order would leave.
+        """
+        last: dict[str, int] = {}
+        for i, (topic, _payload) in enumerate(batch):
+            if topic.endswith(_STATUS_SUFFIX):
+                last[topic] = i
+        kept = [
+            m for i, m in enumerate(batch) if not m[0].endswith(_STATUS_SUFFIX) or last[m[0]] == i
+        ]
+        self.superseded += len(batch) - len(kept)
+        return kept
+
     def _handle_batch(self, batch: list[tuple[str, bytes]]) -> None:
         statuses: list[codec.DeviceStatus] = []
         events: list[codec.DeviceEvent] = []
-        for topic, payload in batch:
+        for topic, payload in self._coalesce(batch):
             decoded = self._decode(topic, payload)
             if isinstance(decoded, codec.DeviceStatus):
                 statuses.append(decoded)
             elif isinstance(decoded, codec.DeviceEvent):
                 events.append(decoded)
+        self.statuses_handled += len(statuses)
+        self.events_handled += len(events)
         if not statuses and not events:
             return
         with self._cond:
@@ -234,9 +357,12 @@ class FleetMonitor:
         try:
             parsed = topics.parse(topic)
         except topics.TopicError as exc:
+            self.ignored += 1
             logger.warning("ignoring message on %r: %s", topic, exc)
             return None
         if not payload:
+            # An empty retained message clears a topic (e.g. a removed device's status).
+            self.ignored += 1
             logger.debug("ignoring empty payload on %s", topic)
             return None
         if len(payload) > MAX_REPORT_BYTES:
@@ -261,6 +387,8 @@ class FleetMonitor:
             self.malformed += 1
             logger.warning("malformed payload on %s: %s", topic, exc)
             logger.debug("payload on %s: %r", topic, payload)
+            return None
+        self.ignored += 1  # another kind of device topic: not subscribed, not ours
         return None
 
     @staticmethod

@@ -44,12 +44,23 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-from sqlalchemy import Engine, and_, case, create_engine, event, func, literal, or_, select
+from sqlalchemy import (
+    Engine,
+    and_,
+    bindparam,
+    case,
+    create_engine,
+    event,
+    func,
+    literal,
+    or_,
+    select,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -89,6 +100,8 @@ MAX_STATUS_AHEAD_MS = 5 * 60 * 1000
 
 _CHANGES_KEY = "changes"
 _WRITE_OPTION = "edgefl_write"
+#: "Not computed yet", for values cached on first use.
+_UNSET = object()
 
 
 class RegistryError(CloudError, RuntimeError):
@@ -376,6 +389,7 @@ class Registry:
             kwargs["pool_pre_ping"] = True
             self._engine = create_engine(self.url, **kwargs)
         self._write_engine = self._engine.execution_options(**{_WRITE_OPTION: True})
+        self._upsert_sql: object = _UNSET
         # StaticPool shares one connection: serialize its users within this process.
         self._local_lock = threading.RLock() if kwargs.get("poolclass") is StaticPool else None
         try:
@@ -894,8 +908,11 @@ class Registry:
         Each status follows the rules of :meth:`upsert_device_status`. An invalid one is
         logged and skipped: the others in the batch are still stored. On SQLite and
         PostgreSQL the rules run in the database (``INSERT ... ON CONFLICT DO UPDATE ...
-        WHERE``, one ``executemany`` per round of distinct devices), which keeps 2,000
-        statuses a second cheap; other databases go row by row.
+        WHERE``), compiled once and handed to the driver's ``executemany`` as plain
+        tuples, one call per round of distinct devices; other databases go row by row.
+        The fleet monitor writes here ~2,000 statuses a second from 10,000 devices: the
+        same upsert through SQLAlchemy's per-row parameter processing and ``RETURNING``
+        cost ~110 µs of CPU per status, the driver's ``executemany`` a third of that (#18).
         """
         now = time.time()
         now_ms = int(now * 1000) if received_ms is None else received_ms
@@ -917,22 +934,56 @@ class Registry:
         if not rounds:
             return 0
         changed = 0
+        upsert = self._status_upsert_sql()
         with self._write() as session:
-            statement = self._status_upsert()
-            for values_list in rounds:
-                if statement is None:
+            if upsert is None:
+                for values_list in rounds:
                     changed += _apply_rows(session, values_list, now_ms + MAX_STATUS_AHEAD_MS)
-                else:
-                    changed += len(session.execute(statement, values_list).all())
+                return changed
+            sql, to_params = upsert
+            frozen_above_ms = now_ms + MAX_STATUS_AHEAD_MS
+            dbapi = session.connection().connection.driver_connection
+            cursor = dbapi.cursor()  # type: ignore[union-attr]
+            try:
+                for values_list in rounds:
+                    cursor.executemany(sql, [to_params(v, frozen_above_ms) for v in values_list])
+                    # Both drivers sum the rows each statement changed (an upsert whose
+                    # WHERE refuses the status changes none).
+                    changed += max(0, cursor.rowcount)
+            finally:
+                cursor.close()
         return changed
 
-    def _status_upsert(self) -> Any:
-        """The dialect's ``INSERT ... ON CONFLICT DO UPDATE`` for statuses (None: no such).
+    def _status_upsert_sql(
+        self,
+    ) -> tuple[str, Callable[[dict[str, Any], int], Any]] | None:
+        """The dialect's status upsert as driver SQL, and what makes a row's parameters.
 
-        A stored timestamp beyond the clock skew tolerance from now (written before
-        timestamps were bounded) counts as older than any status.
+        ``to_params(values, frozen_above_ms)`` turns a status row into the driver's
+        parameters (a tuple for SQLite's ``?``, a dict for psycopg's ``%(name)s``), with
+        the clock skew bound: a stored timestamp beyond it counts as older than any
+        status (written before timestamps were bounded). ``None`` when the database has
+        no ``INSERT ... ON CONFLICT``. Compiled once per registry.
         """
-        frozen_above_ms = int(time.time() * 1000) + MAX_STATUS_AHEAD_MS
+        if self._upsert_sql is not _UNSET:
+            return self._upsert_sql  # type: ignore[return-value]
+        statement = self._status_upsert()
+        if statement is None:
+            self._upsert_sql = None
+            return None
+        compiled = statement.compile(dialect=self._engine.dialect)
+        constants = {k: v for k, v in compiled.params.items() if k not in _STATUS_COLUMNS}
+        names = compiled.positiontup
+
+        def to_params(values: dict[str, Any], frozen_above_ms: int) -> Any:
+            row = {**constants, **values, "frozen_above_ms": frozen_above_ms}
+            return row if names is None else tuple(row[n] for n in names)
+
+        self._upsert_sql = (str(compiled), to_params)
+        return self._upsert_sql
+
+    def _status_upsert(self) -> Any:
+        """The dialect's ``INSERT ... ON CONFLICT DO UPDATE`` for statuses (None: no such)."""
         backend = self._engine.dialect.name
         if backend == "sqlite":
             from sqlalchemy.dialects.sqlite import insert
@@ -941,11 +992,11 @@ class Registry:
         else:
             return None
         table: Any = DeviceRow.__table__
-        ins = insert(table)
+        ins = insert(table).values({name: bindparam(name) for name in _STATUS_COLUMNS})
         new = ins.excluded
         newer = or_(
             new.timestamp_ms >= table.c.timestamp_ms,
-            table.c.timestamp_ms > literal(frozen_above_ms),
+            table.c.timestamp_ms > bindparam("frozen_above_ms"),
         )
         keep_or_take = {
             name: case((newer, new[name]), else_=table.c[name])
@@ -961,7 +1012,7 @@ class Registry:
                 "received_at": new.received_at,
             },
             where=or_(newer, and_(new.state == "OFFLINE", table.c.state != "OFFLINE")),
-        ).returning(table.c.device_id)  # the rows written (drivers' executemany rowcount varies)
+        )
 
     def get_device(self, device_id: str) -> Device:
         with self._read() as session:

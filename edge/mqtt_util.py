@@ -1,13 +1,17 @@
 """Shared paho-mqtt plumbing: client construction, TLS/credentials, reconnect with backoff.
 
-Every edgefl MQTT client (device agent, cloud publisher, fleet monitor) speaks
-**MQTT 5.0**. We chose 5.0 over 3.1.1 because it gives us, on every broker we target
-(Mosquitto ≥ 1.6, EMQX, AWS IoT Core, HiveMQ):
+Every edgefl MQTT client that publishes or keeps a session (device agent, cloud
+publisher) speaks **MQTT 5.0**. We chose 5.0 over 3.1.1 because it gives us, on every
+broker we target (Mosquitto ≥ 1.6, EMQX, AWS IoT Core, HiveMQ):
 
 * a bounded persistent session (``Session Expiry Interval``) instead of 3.1.1's
   "forever or nothing" ``clean_session=False``;
 * reason codes on PUBACK, so a publish refused by an ACL or by a broker's
   ``message_size_limit`` is reported to the publisher instead of silently dropped.
+
+The cloud's fleet monitor only receives, on a clean session, and needs neither: it
+speaks 3.1.1 (``make_client(protocol=...)``), because paho decodes every MQTT 5 PUBLISH's
+properties, which was about half of the monitor's CPU per received status (#18).
 
 :class:`MqttConnection` owns the connection of a long-lived client. Paho's own
 reconnect loop doubles its delay without jitter, so a whole fleet that lost its broker
@@ -77,12 +81,18 @@ def unique_client_id(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{next(_client_counter)}-{random.randrange(1 << 32):08x}"
 
 
-def make_client(endpoint: Endpoint, client_id: str) -> mqtt.Client:
-    """An MQTT 5 paho client with credentials and TLS set, paho's auto-reconnect off."""
-    client = mqtt.Client(
+def make_client(
+    endpoint: Endpoint,
+    client_id: str,
+    *,
+    client_class: type[mqtt.Client] = mqtt.Client,
+    protocol: mqtt.MQTTProtocolVersion = PROTOCOL,
+) -> mqtt.Client:
+    """A paho client (MQTT 5 unless told) with credentials and TLS set, no auto-reconnect."""
+    client = client_class(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
-        protocol=PROTOCOL,
+        protocol=protocol,
         reconnect_on_failure=False,
     )
     if endpoint.username is not None:
@@ -236,13 +246,22 @@ class MqttConnection:
                     logger.exception("%s: before_connect hook failed", self._name)
             self._wake.clear()
             had_session = False
+            # MQTT 3.1.1 has neither clean start nor properties (its session is the
+            # client's clean_session, set when it was made).
+            v5: dict[str, Any] = (
+                {
+                    "clean_start": self._clean_start,
+                    "properties": connect_properties(self._session_expiry_s),
+                }
+                if self.client.protocol == mqtt.MQTTv5
+                else {}
+            )
             try:
                 self.client.connect(
                     self.endpoint.host,
                     self.endpoint.port,
                     keepalive=self.endpoint.keepalive,
-                    clean_start=self._clean_start,
-                    properties=connect_properties(self._session_expiry_s),
+                    **v5,
                 )
             except (OSError, ssl.SSLError, ValueError) as exc:
                 logger.warning(
