@@ -131,21 +131,27 @@ def _check(
     phase: int,
     served: float,
     candidate: float,
+    error_rates: tuple[float, float] | None = None,
 ) -> None:
     """A device's ``candidate_checked`` event as the fleet monitor hands it over: recorded
-    in the registry first, then given to the controller (``CloudStack._start_monitor``)."""
+    in the registry first, then given to the controller (``CloudStack._start_monitor``).
+    ``error_rates`` (served, candidate): the optional inference figures."""
+    figures = {
+        "candidate_accuracy": candidate,
+        "served_accuracy": served,
+        "examples": 100.0,
+        "phase": float(phase),
+    }
+    if error_rates is not None:
+        figures["served_error_rate"], figures["candidate_error_rate"] = error_rates
+        figures["inference_calls"] = 100.0
     event = codec.DeviceEvent(
         device,
         int(time.time() * 1000),
         "candidate_checked",
         f"phase {phase}: candidate accuracy {candidate:.4f}",
         version,
-        {
-            "candidate_accuracy": candidate,
-            "served_accuracy": served,
-            "examples": 100,
-            "phase": float(phase),
-        },
+        figures,
     )
     registry.record_event(event)
     controller.on_events([event])
@@ -192,12 +198,17 @@ def test_a_running_rollout_is_shown_live_and_promote_and_halt_need_the_token(
     # figures of the decided phase stay on the page while phase 2 runs.
     expect(_cell(row, 1)).to_have_text("2 / 2", timeout=UPDATE_WAIT_MS)
     expect(_cell(row, 2)).to_have_text("0 / 4")
-    expect(_cell(row, 3)).to_contain_text("phase 1: accuracy 0.800 → 0.900 (drop -0.100)")
+    # A report without inference figures (an older agent) shows none.
+    expect(_cell(row, 3)).to_contain_text(
+        "phase 1: accuracy 0.800 → 0.900 (drop -0.100), 0 failed"
+    )
     # A device of phase 2 checks it: the running phase's figures so far.
     second = next(d for d in DEVICES if d != first)
-    _check(registry, controller, second, 2, 2, served=0.7, candidate=0.75)
+    _check(registry, controller, second, 2, 2, served=0.7, candidate=0.75, error_rates=(0, 0.02))
     expect(_cell(row, 2)).to_have_text("1 / 4", timeout=UPDATE_WAIT_MS)
-    expect(_cell(row, 3)).to_contain_text("so far: accuracy 0.700 → 0.750 (drop -0.050)")
+    expect(_cell(row, 3)).to_contain_text(
+        "so far: accuracy 0.700 → 0.750 (drop -0.050), inference errors 0.000 → 0.020"
+    )
     expect(_cell(row, 4)).to_have_text("checking…")
 
     # Without the token, and with a wrong one, both actions are refused and say why.
