@@ -400,6 +400,9 @@ def build_report(
         f"old {old.short_rounds or 'none'}.",
         "The old design runs first, then the new one, each with its own cloud, on the same "
         "machine; the machine is shared (2 cores), so times are indicative.",
+        "The new design's SuperNode runs with PYTHONOPTIMIZE=2 as `edgefl edge up` starts it "
+        "(no docstrings: about 4.5 MB less); the old design's processes run as it started "
+        "them, without it.",
     ]
     return report
 

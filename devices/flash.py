@@ -387,6 +387,10 @@ run() {{
     "$VENV/bin/python" -m pip install --no-input {index}\\
         -c {INSTALL_DIR}/software/constraints.txt "$WHEEL[edge]" \\
         || fail "pip install of $WHEEL failed (network or index unreachable?); retrying later"
+    # The SuperNode runs with PYTHONOPTIMIZE=2 (no docstrings, less memory): compile its
+    # bytecode now, while the venv is writable (the service may not write it).
+    "$VENV/bin/python" -OO -m compileall -q -j 0 "$VENV/lib" >/dev/null 2>&1 \\
+        || echo "edgefl-provision: some modules of $VENV did not compile with -OO (they are compiled when imported)" >&2
 
     status "verifying edgefl-fleet $VERSION"
     found=$("$VENV/bin/edgefl" --version 2>&1) || fail "$VENV/bin/edgefl --version failed: $found"

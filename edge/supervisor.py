@@ -118,6 +118,7 @@ class DeviceSupervisor:
             isolation="process",
             superexec_auth_secret_file=secret_file,
             die_with_parent=True,
+            python_optimize=2,  # no docstrings: ~4.5 MB less on the device
             **options,  # type: ignore[arg-type]
         )
         assert self.services is not None

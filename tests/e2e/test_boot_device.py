@@ -239,6 +239,12 @@ def check_installed_software(device: rootfs.Container) -> None:
     assert shown.returncode != 0, f"the old name was installed: {shown.stdout}"
     dists = device.run([f"{VENV_DIR}/bin/python", "-m", "pip", "freeze"]).stdout
     assert "litert" in dists and "flwr==1.42.0" in dists
+    # The SuperNode runs with PYTHONOPTIMIZE=2: its bytecode was compiled at provisioning.
+    cached = (
+        "import importlib.util, flwr.supernode.start_client_internal as m, os;"
+        "print(os.path.exists(importlib.util.cache_from_source(m.__file__, optimization=2)))"
+    )
+    assert device.run([f"{VENV_DIR}/bin/python", "-c", cached]).stdout.strip() == "True"
 
 
 def test_flashed_gateway_boots_provisions_joins_serves_and_is_refused_after_revoke(

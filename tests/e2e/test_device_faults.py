@@ -41,6 +41,8 @@ class TreeWatch:
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
         self.seen: dict[int, set[str]] = {pid: set() for pid in pids}
+        #: PYTHONOPTIMIZE of each SuperNode seen (2: no docstrings, less memory).
+        self.optimize: set[str | None] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -49,7 +51,10 @@ class TreeWatch:
             for pid in self.pids:
                 try:
                     for child in psutil.Process(pid).children(recursive=True):
-                        self.seen[pid].add(" ".join(child.cmdline()[:3]))
+                        name = " ".join(child.cmdline()[:3])
+                        self.seen[pid].add(name)
+                        if "flower-supernode" in name:
+                            self.optimize.add(child.environ().get("PYTHONOPTIMIZE"))
                 except psutil.Error:
                     continue
 
@@ -162,3 +167,4 @@ def test_bad_messages_get_clear_error_replies_and_the_device_trains_next(
         assert names, f"device {pid}: no child seen at all (the SuperNode should be one)"
         assert all("flower-supernode" in n for n in names), names
         assert not any(bad in n for n in names for bad in FORBIDDEN), names
+    assert watch.optimize == {"2"}, f"the SuperNodes ran with PYTHONOPTIMIZE {watch.optimize}"
