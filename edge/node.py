@@ -190,7 +190,6 @@ class EdgeNode:
             raise InstallError(f"candidate {version} cannot be checked: {exc}") from exc
         cand = self.trainer.check(candidate)
         base = self.trainer.check(served)
-        x, y = self.data.snapshot()
         figures = {
             "candidate_accuracy": cand.accuracy,
             "served_accuracy": base.accuracy,
@@ -200,7 +199,7 @@ class EdgeNode:
             "inference_calls": float(cand.examples),
             "candidate_error_rate": cand.error_rate,
             "served_error_rate": base.error_rate,
-            "train_examples": float(len(self.trainer.split(x, y).train)),
+            "train_examples": float(cand.train_examples),
         }
         return {k: float(v) for k, v in figures.items() if math.isfinite(v)}
 

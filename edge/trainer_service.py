@@ -100,6 +100,8 @@ class CheckResult:
     """Held-out samples, one inference call each."""
     inference_errors: int
     """Calls that raised or returned NaN or infinite values."""
+    train_examples: int
+    """The other local samples: those Fit trains on."""
 
     @property
     def error_rate(self) -> float:
@@ -305,7 +307,6 @@ class LocalTrainer:
             num_examples=len(y),
         )
 
-
     def check(self, weights: Mapping[str, np.ndarray]) -> CheckResult:
         """The shadow check of ``weights`` on the held-out part (see the module docstring).
 
@@ -316,6 +317,7 @@ class LocalTrainer:
             self._busy.set()
             try:
                 _, model, x, y = self._prepare(weights)
+                total = len(y)
                 x, y = self._heldout(x, y)
                 model.set_weights(weights)
                 errors = correct = 0
@@ -342,6 +344,7 @@ class LocalTrainer:
             accuracy=correct / n,
             examples=n,
             inference_errors=errors,
+            train_examples=total - n,
         )
 
 
