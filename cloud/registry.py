@@ -100,6 +100,8 @@ MAX_STATUS_AHEAD_MS = 5 * 60 * 1000
 
 _CHANGES_KEY = "changes"
 _WRITE_OPTION = "edgefl_write"
+#: Status rows in one SQLite upsert statement (16 parameters each; SQLite allows 32,766).
+SQLITE_ROWS_PER_STATEMENT = 1000
 #: "Not computed yet", for values cached on first use.
 _UNSET = object()
 
@@ -908,11 +910,11 @@ class Registry:
         Each status follows the rules of :meth:`upsert_device_status`. An invalid one is
         logged and skipped: the others in the batch are still stored. On SQLite and
         PostgreSQL the rules run in the database (``INSERT ... ON CONFLICT DO UPDATE ...
-        WHERE``), compiled once and handed to the driver's ``executemany`` as plain
-        tuples, one call per round of distinct devices; other databases go row by row.
-        The fleet monitor writes here ~2,000 statuses a second from 10,000 devices: the
-        same upsert through SQLAlchemy's per-row parameter processing and ``RETURNING``
-        cost ~110 µs of CPU per status, the driver's ``executemany`` a third of that (#18).
+        WHERE``), compiled once and handed to the driver with plain parameters (see
+        :meth:`_status_upsert_sql`), per round of distinct devices; other databases go
+        row by row. The fleet monitor writes here ~2,000 statuses a second from 10,000
+        devices: the same upsert through SQLAlchemy's per-row parameter processing and
+        ``RETURNING`` cost ~110 µs of CPU per status, the driver directly ~40 µs (#18).
         """
         now = time.time()
         now_ms = int(now * 1000) if received_ms is None else received_ms
@@ -940,30 +942,29 @@ class Registry:
                 for values_list in rounds:
                     changed += _apply_rows(session, values_list, now_ms + MAX_STATUS_AHEAD_MS)
                 return changed
-            sql, to_params = upsert
             frozen_above_ms = now_ms + MAX_STATUS_AHEAD_MS
             dbapi = session.connection().connection.driver_connection
             cursor = dbapi.cursor()  # type: ignore[union-attr]
             try:
                 for values_list in rounds:
-                    cursor.executemany(sql, [to_params(v, frozen_above_ms) for v in values_list])
-                    # Both drivers sum the rows each statement changed (an upsert whose
-                    # WHERE refuses the status changes none).
-                    changed += max(0, cursor.rowcount)
+                    changed += upsert(cursor, values_list, frozen_above_ms)
             finally:
                 cursor.close()
         return changed
 
-    def _status_upsert_sql(
-        self,
-    ) -> tuple[str, Callable[[dict[str, Any], int], Any]] | None:
-        """The dialect's status upsert as driver SQL, and what makes a row's parameters.
+    def _status_upsert_sql(self) -> Callable[[Any, list[dict[str, Any]], int], int] | None:
+        """The dialect's status upsert as driver SQL: ``write(cursor, rows, frozen_above_ms)``
+        stores rows of distinct devices and returns how many changed.
 
-        ``to_params(values, frozen_above_ms)`` turns a status row into the driver's
-        parameters (a tuple for SQLite's ``?``, a dict for psycopg's ``%(name)s``), with
-        the clock skew bound: a stored timestamp beyond it counts as older than any
-        status (written before timestamps were bounded). ``None`` when the database has
-        no ``INSERT ... ON CONFLICT``. Compiled once per registry.
+        ``frozen_above_ms`` is the clock skew bound: a stored timestamp beyond it counts as
+        older than any status (written before timestamps were bounded). ``None`` when the
+        database has no ``INSERT ... ON CONFLICT``. Compiled once per registry.
+
+        On SQLite one statement carries up to :data:`SQLITE_ROWS_PER_STATEMENT` rows
+        (``VALUES (…), (…), …``): Python's driver releases the GIL around every statement
+        step, and ``executemany`` steps once per row; with the web API busy in another
+        thread, taking the GIL back for each row made a 10,000-status batch take seconds.
+        psycopg's ``executemany`` pipelines its rows and is used as it is.
         """
         if self._upsert_sql is not _UNSET:
             return self._upsert_sql  # type: ignore[return-value]
@@ -973,14 +974,40 @@ class Registry:
             return None
         compiled = statement.compile(dialect=self._engine.dialect)
         constants = {k: v for k, v in compiled.params.items() if k not in _STATUS_COLUMNS}
+        sql = str(compiled)
         names = compiled.positiontup
+        if names is None:  # psycopg: named parameters, one dict per row
 
-        def to_params(values: dict[str, Any], frozen_above_ms: int) -> Any:
-            row = {**constants, **values, "frozen_above_ms": frozen_above_ms}
-            return row if names is None else tuple(row[n] for n in names)
+            def executemany(cursor: Any, rows: list[dict[str, Any]], frozen: int) -> int:
+                cursor.executemany(
+                    sql, [{**constants, **row, "frozen_above_ms": frozen} for row in rows]
+                )
+                return max(0, cursor.rowcount)  # the sum over the rows
 
-        self._upsert_sql = (str(compiled), to_params)
-        return self._upsert_sql
+            self._upsert_sql = executemany
+            return executemany
+        columns = [n for n in names if n in _STATUS_COLUMNS]
+        rest = names[len(columns) :]
+        one_row = "(" + ", ".join("?" * len(columns)) + ")"
+        head, found, tail = sql.partition(f"VALUES {one_row}")
+        if not found or names[: len(columns)] != columns or set(columns) & set(rest):
+            raise RegistryError(f"unexpected shape of the status upsert: {sql[:200]}…")
+
+        def many_rows(cursor: Any, rows: list[dict[str, Any]], frozen: int) -> int:
+            after = [frozen if n == "frozen_above_ms" else constants[n] for n in rest]
+            changed = 0
+            start = 0
+            for size in _chunk_sizes(len(rows)):
+                chunk = rows[start : start + size]
+                start += size
+                values = ", ".join([one_row] * size)
+                params = [row[c] for row in chunk for c in columns]
+                cursor.execute(f"{head}VALUES {values}{tail}", [*params, *after])
+                changed += max(0, cursor.rowcount)  # rows this statement changed
+            return changed
+
+        self._upsert_sql = many_rows
+        return many_rows
 
     def _status_upsert(self) -> Any:
         """The dialect's ``INSERT ... ON CONFLICT DO UPDATE`` for statuses (None: no such)."""
@@ -1286,6 +1313,19 @@ _STATUS_COLUMNS = (
     "received_at",
 )
 """The ``devices`` columns a status writes."""
+
+
+def _chunk_sizes(n: int) -> list[int]:
+    """``n`` rows as statements of :data:`SQLITE_ROWS_PER_STATEMENT` rows, then powers of two.
+
+    The driver keeps a prepared statement per distinct SQL text (128 of them); a
+    1,000-row upsert is a large one, and one per leftover size grew the cloud's RSS by
+    ~90 MB in the telemetry benchmark. These sizes make at most 11 distinct texts.
+    """
+    sizes = [SQLITE_ROWS_PER_STATEMENT] * (n // SQLITE_ROWS_PER_STATEMENT)
+    rest = n % SQLITE_ROWS_PER_STATEMENT
+    sizes += [1 << bit for bit in range(rest.bit_length() - 1, -1, -1) if rest >> bit & 1]
+    return sizes
 
 
 def _status_values(
