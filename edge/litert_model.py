@@ -113,6 +113,80 @@ class _InferCall:
         return probs if probs.dtype == np.float32 else probs.astype(np.float32)
 
 
+class _SignatureCall:
+    """A fixed-shape signature (``train``, ``parameters``, ``restore``), called safely.
+
+    ``SignatureRunner.__call__`` resizes every input before each call, scalars
+    included: it passes ``np.array(value.shape)``, which is empty for a 0-d input.
+    LiteRT 2.3.0's aarch64 wheel turns an empty shape into a ``memset`` of ``-4``
+    bytes inside ``ResizeInputTensor`` and the process dies with SIGSEGV (seen under
+    qemu-user 10, core dump read with gdb: the train signature's ``lr`` and ``mu``
+    are scalars, so training crashed on arm64 while inference, which has no scalar
+    input, worked). The x86-64 build survives the same call.
+
+    This call resizes an input only when the given shape differs from the tensor's
+    current one, never to or from a 0-d shape (a :class:`ValueError` instead), and
+    re-plans the subgraph only after a resize. The train signature's inputs have fixed
+    shapes, so in practice nothing is ever resized. Without a usable wrapper (another
+    runtime) it falls back to the runner's own call.
+    """
+
+    def __init__(self, runner: Any) -> None:
+        self._runner = runner
+        self._allocated = False
+        details: dict[str, dict[str, Any]] = runner.get_input_details()
+        self._shapes = {
+            name: tuple(int(d) for d in detail["shape"]) for name, detail in details.items()
+        }
+        wrapper: Any = getattr(runner, "_interpreter_wrapper", None)
+        try:
+            self._wrapper = wrapper
+            self._subgraph = int(runner._subgraph_index)
+            self._inputs = {name: int(i) for name, i in dict(runner._inputs).items()}
+            self._outputs = [(str(name), int(i)) for name, i in runner._outputs]
+            self.direct = set(self._inputs) == set(self._shapes) and all(
+                callable(getattr(wrapper, name, None))
+                for name in (
+                    "ResizeInputTensor",
+                    "AllocateTensors",
+                    "SetTensor",
+                    "Invoke",
+                    "GetTensor",
+                )
+            )
+        except (AttributeError, TypeError, KeyError, ValueError):
+            self.direct = False
+
+    def __call__(self, **values: np.ndarray) -> dict[str, np.ndarray]:
+        """The signature's outputs by name (copies) for ``values`` by input name."""
+        if set(values) != set(self._shapes):
+            raise ValueError(f"signature inputs are {sorted(self._shapes)}, got {sorted(values)}")
+        if not self.direct:
+            out: dict[str, np.ndarray] = self._runner(**values)
+            return out
+        wrapper, subgraph = self._wrapper, self._subgraph
+        for name, value in values.items():
+            shape = tuple(value.shape)
+            if shape == self._shapes[name]:
+                continue
+            if not shape or not self._shapes[name]:
+                raise ValueError(
+                    f"input {name!r} has shape {list(self._shapes[name])}, got {list(shape)}"
+                )
+            self._allocated = False  # unknown until the resize and re-plan both succeed
+            wrapper.ResizeInputTensor(
+                self._inputs[name], np.array(shape, dtype=np.int32), False, subgraph
+            )
+            self._shapes[name] = shape
+        if not self._allocated:
+            wrapper.AllocateTensors(subgraph)
+            self._allocated = True
+        for name, value in values.items():
+            wrapper.SetTensor(self._inputs[name], value, subgraph)
+        wrapper.Invoke(subgraph)
+        return {name: wrapper.GetTensor(index, subgraph) for name, index in self._outputs}
+
+
 class LiteRTModel:
     """A trainable LiteRT model: inference, SGD steps and named weights.
 
@@ -156,6 +230,9 @@ class LiteRTModel:
         self._restore = self._interpreter.get_signature_runner("restore")
         self._check_shapes()
         self._infer_call = _InferCall(self._infer, card.input.name, card.output.name)
+        self._train_call = _SignatureCall(self._train)
+        self._parameters_call = _SignatureCall(self._parameters)
+        self._restore_call = _SignatureCall(self._restore)
         logger.debug(
             "loaded %s (%d bytes, %d threads, delegate %s)",
             card.architecture_id,
@@ -320,7 +397,7 @@ class LiteRTModel:
                 f"train_step needs exactly {self.card.train_batch} examples, got {xs.shape[0]}"
             )
         ys = self._as_labels(y, xs.shape[0])
-        out = self._train(
+        out = self._train_call(
             x=xs,
             y=ys,
             lr=np.asarray(lr, dtype=np.float32),
@@ -412,7 +489,7 @@ class LiteRTModel:
     # -- weights ------------------------------------------------------------------------
     def get_weights(self) -> dict[str, np.ndarray]:
         """Current weights by name (copies, in card order)."""
-        out = self._parameters()
+        out = self._parameters_call()
         return {
             name: np.array(out[name], dtype=np.float32, copy=True)
             for name in self.card.weight_names
@@ -450,6 +527,6 @@ class LiteRTModel:
         problems = self.check_weights(weights)
         if problems:
             raise WeightMismatchError(problems)
-        self._restore(
+        self._restore_call(
             **{name: np.ascontiguousarray(weights[name]) for name in self.card.weight_names}
         )

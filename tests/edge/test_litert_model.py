@@ -94,6 +94,71 @@ def test_infer_falls_back_to_the_runner_when_internals_are_missing(
         np.testing.assert_array_equal(got, reference(x=xs)["probs"])
 
 
+class _RecordingWrapper:
+    """A real interpreter wrapper that records every ``ResizeInputTensor`` shape."""
+
+    def __init__(self, wrapper: object, resizes: list[tuple[int, ...]]) -> None:
+        self._wrapper = wrapper
+        self._resizes = resizes
+
+    def ResizeInputTensor(self, index: int, shape: np.ndarray, *rest: object) -> object:
+        self._resizes.append(tuple(int(d) for d in shape))
+        return self._wrapper.ResizeInputTensor(index, shape, *rest)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._wrapper, name)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_training_and_weights_never_resize_a_scalar_input(
+    arch: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    digits_flat: Dataset,
+    digits_image: Dataset,
+) -> None:
+    """Issue 13: LiteRT 2.3.0 on aarch64 dies (SIGSEGV) resizing a 0-d input.
+
+    ``SignatureRunner.__call__`` resizes every input on every call, so the train
+    signature's scalar ``lr`` and ``mu`` crashed every train step on arm64 (found
+    under qemu-user 10 with a core dump; ``tests/e2e/test_arm64.py`` runs it there).
+    This host's x86-64 LiteRT survives that call, so here the real wrapper is watched.
+    """
+    resizes: list[tuple[int, ...]] = []
+    real_runner = Interpreter.get_signature_runner
+
+    def watched(self: Interpreter, *args: object, **kwargs: object) -> object:
+        runner = real_runner(self, *args, **kwargs)  # type: ignore[arg-type]
+        runner._interpreter_wrapper = _RecordingWrapper(runner._interpreter_wrapper, resizes)
+        return runner
+
+    monkeypatch.setattr(Interpreter, "get_signature_runner", watched)
+    model = LiteRTModel.load(request.getfixturevalue(f"{arch}_model_dir"))
+    data = digits_flat if arch == "mlp" else digits_image
+    weights = model.get_weights()
+    _train_a_little(model, data, steps=3)
+    model.fit(data.train.x[:100], data.train.y[:100], epochs=1, lr=0.1, mu=0.01)
+    model.set_weights(weights)
+    np.testing.assert_array_equal(
+        model.get_weights()[model.card.weight_names[0]], weights[model.card.weight_names[0]]
+    )
+    model.infer(data.test.x[:3])
+    assert () not in resizes, f"a 0-d input was resized: {resizes}"
+    assert resizes, "the recording wrapper saw no resize at all (inference resizes x)"
+
+
+def test_a_signature_call_refuses_a_changed_scalar_shape(mlp: LiteRTModel) -> None:
+    b = mlp.train_batch
+    x, y = np.zeros((b, 64), np.float32), np.zeros(b, np.int32)
+    lr = np.asarray([0.1, 0.2], np.float32)
+    with pytest.raises(ValueError, match="input 'lr' has shape"):
+        mlp._train_call(x=x, y=y, lr=lr, mu=np.asarray(0.0, np.float32))
+    with pytest.raises(ValueError, match="signature inputs are"):
+        mlp._train_call(x=x, y=y)
+    loss, _ = mlp.train_step(x, y, 0.1)  # still usable afterwards
+    assert np.isfinite(loss)
+
+
 def test_infer_rejects_wrong_example_shape(mlp: LiteRTModel) -> None:
     with pytest.raises(ValueError, match="expected shape"):
         mlp.infer(np.zeros((3, 8, 8, 1), np.float32))
