@@ -551,38 +551,52 @@ def status_to_bytes(s: DeviceStatus) -> bytes:
     return msg.SerializeToString(deterministic=True)
 
 
+#: Wire number → name of the device states a status may carry (not UNSPECIFIED).
+_STATE_NAMES: dict[int, str] = {
+    number: name
+    for name, number in status_pb2.DeviceState.items()
+    if number != status_pb2.DEVICE_STATE_UNSPECIFIED
+}
+
+
 def status_from_bytes(data: bytes) -> DeviceStatus:
+    """Decode and check a status. The cloud decodes ~2,000 a second from 10,000 devices
+    (#18): each field is read once, and the state's name comes from a dict (protobuf's
+    ``DeviceState.values()`` builds a list per call, ``Name()`` another lookup)."""
     msg = status_pb2.DeviceStatus()
     try:
         msg.ParseFromString(data)
     except Exception as exc:
         raise StatusError(f"device status is not a valid protobuf: {exc}") from exc
-    problems = []
-    if not msg.device_id:
-        problems.append("device_id is empty")
-    if msg.state == status_pb2.DEVICE_STATE_UNSPECIFIED or msg.state not in (
-        status_pb2.DeviceState.values()
-    ):
-        problems.append(f"state {msg.state} is not a known device state")
-    if msg.serving_version < 0:
-        problems.append("serving_version is negative")
-    if problems:
+    device_id = msg.device_id
+    serving_version = msg.serving_version
+    state = _STATE_NAMES.get(msg.state)
+    if not device_id or state is None or serving_version < 0:
+        problems = []
+        if not device_id:
+            problems.append("device_id is empty")
+        if state is None:
+            problems.append(f"state {msg.state} is not a known device state")
+        if serving_version < 0:
+            problems.append("serving_version is negative")
         raise StatusError("invalid device status: " + "; ".join(problems))
+    resources = msg.resources
+    metrics = msg.last_metrics
     return DeviceStatus(
-        device_id=msg.device_id,
+        device_id=device_id,
         fleet=msg.fleet,
-        serving_version=msg.serving_version,
-        state=status_pb2.DeviceState.Name(msg.state),
+        serving_version=serving_version,
+        state=state,
         timestamp_ms=msg.timestamp_ms,
         last_round_trained=msg.last_round_trained,
         sample_count=msg.sample_count,
-        cpu_percent=msg.resources.cpu_percent,
-        rss_bytes=msg.resources.rss_bytes,
-        disk_free_bytes=msg.resources.disk_free_bytes,
-        memory_available_bytes=msg.resources.memory_available_bytes,
+        cpu_percent=resources.cpu_percent,
+        rss_bytes=resources.rss_bytes,
+        disk_free_bytes=resources.disk_free_bytes,
+        memory_available_bytes=resources.memory_available_bytes,
         profile=msg.profile,
         last_error=msg.last_error,
-        last_metrics=dict(msg.last_metrics),
+        last_metrics=dict(metrics) if metrics else {},
         edgefl_version=msg.edgefl_version,
     )
 

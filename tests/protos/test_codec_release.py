@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protos import codec, signing
-from protos.edgefl.v1 import release_pb2
+from protos.edgefl.v1 import release_pb2, status_pb2
 from protos.errors import ManifestError, PackageError, StatusError
 
 
@@ -188,6 +188,20 @@ def test_status_round_trip_and_validation() -> None:
         codec.status_from_bytes(b"")
     with pytest.raises(StatusError, match="unknown device state"):
         codec.status_to_bytes(dataclasses.replace(s, state="DANCING"))
+
+
+@pytest.mark.parametrize("state", [0, 6, 99])
+def test_a_status_with_an_unknown_state_number_names_every_problem(state: int) -> None:
+    msg = status_pb2.DeviceStatus(device_id="", serving_version=-1, state=state)  # type: ignore[arg-type]
+    with pytest.raises(StatusError) as caught:
+        codec.status_from_bytes(msg.SerializeToString())
+    assert str(caught.value) == (
+        "invalid device status: device_id is empty; "
+        f"state {state} is not a known device state; serving_version is negative"
+    )
+    for name in codec.DEVICE_STATES:  # and every known one decodes to its name
+        ok = status_pb2.DeviceStatus(device_id="d", state=status_pb2.DeviceState.Value(name))
+        assert codec.status_from_bytes(ok.SerializeToString()).state == name
 
 
 def test_split_chunks_reassemble() -> None:
