@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from cloud import registry as registry_module
 from cloud.registry import Device, Registry, sqlite_url
 from cloud.registry_models import DeviceRow
 from cloud.web.schemas import DeviceOut, device_out
-from protos.codec import DeviceStatus
+from protos.codec import DeviceStatus, status_from_bytes, status_to_bytes
 
 STATUS_FIELDS = {f.name for f in dataclasses.fields(DeviceStatus)}
 
@@ -43,10 +44,18 @@ def test_every_status_field_survives_the_registry_and_the_api(tmp_path: Path) ->
         last_metrics={"train-loss": 0.25},
         edgefl_version="0.1.0",
     )
+    assert status_from_bytes(status_to_bytes(status)) == status  # the wire keeps it all
+    row = registry_module._status_values(status, status.last_metrics, 2.0, 2_000)
+    assert set(row) == set(registry_module._STATUS_COLUMNS)  # the upsert's columns
     with Registry(sqlite_url(tmp_path / "r.db")) as registry:
         registry.upsert_device_status(status, received_ms=2_000)
         device = registry.get_device("d1")
+        registry.upsert_device_statuses([dataclasses.replace(status, device_id="d2")])
+        batched = registry.get_device("d2")
     assert {n: getattr(device, n) for n in STATUS_FIELDS} == dataclasses.asdict(status)
+    assert {n: getattr(batched, n) for n in STATUS_FIELDS - {"device_id"}} == {
+        n: v for n, v in dataclasses.asdict(status).items() if n != "device_id"
+    }
     view = device_out(device, known_versions={3}).model_dump()
     assert view["last_seen_ms"] == 1_000 and view["online"] and not view["unknown_version"]
     assert {n: view[n] for n in STATUS_FIELDS - {"timestamp_ms"}} == {
