@@ -29,6 +29,7 @@ the device workers and everything else on the (shared) machine. Run ``python -m 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,7 +206,7 @@ def device_worker(args: argparse.Namespace) -> int:
             next_misc = now + 1.0
         if now >= next_print:
             print(
-                f"{STATS}{json.dumps({'sent': sum(d.sent for d in devices), 'outq': sum(len(d.client._out_packet) for d in devices), 'outmsgs': sum(len(d.client._out_messages) for d in devices), 'conn': sum(d.connected for d in devices)})}",
+                f"{STATS}{json.dumps({'t': time.time(), 'sent': sum(d.sent for d in devices), 'outq': sum(len(d.client._out_packet) for d in devices), 'outmsgs': sum(len(d.client._out_messages) for d in devices), 'conn': sum(d.connected for d in devices)})}",
                 flush=True,
             )
             next_print = now + 1.0
@@ -290,9 +291,32 @@ def _start(name: str, argv: list[str], logs: Path) -> ManagedProcess:
     ).start()
 
 
-def _sent(workers: Sequence[ManagedProcess]) -> int:
-    """Statuses the device workers had sent at their last counter line."""
-    return sum(stats[-1]["sent"] for w in workers if (stats := _stats(w)))
+def _sent_at(workers: Sequence[ManagedProcess]) -> tuple[Callable[[float], float], float, float]:
+    """``sent(t)``: statuses all device workers had sent at wall time ``t``, interpolated
+    between each worker's counter lines, and the span ``(first, last)`` it covers.
+
+    The workers run with SCHED_IDLE and print their counters when they get the CPU, up to
+    seconds late; their last line next to the cloud's latest made the gap between sent and
+    received swing by ±1,000 messages from one second to the next.
+    """
+    series = [[(s["t"], s["sent"]) for s in _stats(w)] for w in workers]
+    first = max(points[0][0] for points in series)
+    last = min(points[-1][0] for points in series)
+
+    def sent(t: float) -> float:
+        total = 0.0
+        for points in series:
+            i = bisect.bisect_left(points, (t, -1))
+            if i == 0:
+                total += points[0][1]
+            elif i == len(points):
+                total += points[-1][1]
+            else:
+                (t0, n0), (t1, n1) = points[i - 1], points[i]
+                total += n0 + (n1 - n0) * (t - t0) / (t1 - t0) if t1 > t0 else n1
+        return total
+
+    return sent, first, last
 
 
 def _status_ages(db: Path) -> list[float]:
@@ -451,7 +475,6 @@ def run(quick: bool = False, out_dir: Path | None = None, sizes: Sizes | None = 
             time.sleep(1.5)  # a first $SYS sample
             cloud_ps = psutil.Process(cloud.pid)
             skip = len(_stats(cloud))
-            sent0 = _sent(workers)
             cpu0 = cloud_ps.cpu_times()
             broker_ps = psutil.Process(broker.process.pid)  # type: ignore[union-attr]
             bcpu0 = broker_ps.cpu_times()
@@ -462,16 +485,15 @@ def run(quick: bool = False, out_dir: Path | None = None, sizes: Sizes | None = 
             rss: list[float] = []
             broker_rss: list[float] = []
             stored: list[float] = []
-            gap: list[float] = []
             t0 = time.perf_counter()
             while time.perf_counter() - t0 < sizes.measure_s:
                 rss.append(cloud_ps.memory_info().rss / 2**20)
                 broker_rss.append(broker_ps.memory_info().rss / 2**20)
                 if SysMeter.STORED in meter.latest:
                     stored.append(float(meter.latest[SysMeter.STORED]))
-                gap.append(float(_sent(workers) - _stats(cloud)[-1]["received"]))
                 time.sleep(1.0)
             elapsed = time.perf_counter() - t0
+            window_end = time.time()
             ages_s = _status_ages(tmp / "reg.db")
             prober.stop()
             sys1 = dict(meter.latest)
@@ -481,8 +503,13 @@ def run(quick: bool = False, out_dir: Path | None = None, sizes: Sizes | None = 
             dcpu1 = sum(sum(p.cpu_times()[:2]) for p in device_ps)
             machine1 = psutil.cpu_times()
             load_end = os.getloadavg()[0]
-            sent1 = _sent(workers)
-            window = _stats(cloud)[skip:]
+            time.sleep(1.5)  # every device worker's counters past the window's end
+            sent_at, sent_first, sent_last = _sent_at(workers)
+            window = [
+                s
+                for s in _stats(cloud)[skip:]
+                if sent_first <= s["t"] <= min(sent_last, window_end)
+            ]
             broker_log = broker.log_path.read_text(errors="replace")
         finally:
             for proc in reversed(procs):
@@ -490,18 +517,20 @@ def run(quick: bool = False, out_dir: Path | None = None, sizes: Sizes | None = 
             broker.stop()
     if len(window) < 2:
         raise RuntimeError("the cloud printed too few counters during the measurement")
-    seconds = len(window) - 1
+    seconds = window[-1]["t"] - window[0]["t"]
     written = (window[-1]["written"] - window[0]["written"]) / seconds
     received = (window[-1]["received"] - window[0]["received"]) / seconds
     processed = (window[-1]["processed"] - window[0]["processed"]) / seconds
     superseded = (window[-1]["superseded"] - window[0]["superseded"]) / seconds
+    # Sent and received at the same instants (each cloud counter line's time).
+    sent_rate = (sent_at(window[-1]["t"]) - sent_at(window[0]["t"])) / seconds
+    gap = [sent_at(s["t"]) - s["received"] for s in window]
     sys_rates = {
         t.rsplit("/", 1)[-1]: (sys1.get(t, 0) - sys0.get(t, 0)) / elapsed
         for t in (SysMeter.DROPPED, SysMeter.SENT)
     }
     drop_warnings = broker_log.count("Outgoing messages are being dropped")
     offered = sizes.devices / sizes.interval_s
-    sent_rate = (sent1 - sent0) / elapsed
     backlog = [float(s["backlog"]) for s in window]
     growth = _slope(backlog)
     gap_growth = _slope(gap)
@@ -627,7 +656,9 @@ def run(quick: bool = False, out_dir: Path | None = None, sizes: Sizes | None = 
             "broker's $SYS/broker/store/messages/count (retained + queued QoS 1); and "
             "devices' sent minus the monitor's received, which is where a slow subscriber's "
             "QoS 0 statuses wait (Mosquitto queues them per client, up to "
-            "max_queued_messages, counted in neither $SYS figure; its RSS grows with them). "
+            "max_queued_messages, counted in neither $SYS figure; its RSS grows with them), "
+            "taken at each of the cloud's counter lines with the devices' sent counters "
+            "interpolated to the same instant (device workers print theirs late when idle). "
             "'No growing backlog' = each slope below 1% of the sent rate and the monitor's "
             "last five samples below one interval's worth of statuses. Device workers run "
             "with SCHED_IDLE (real devices bring their own CPUs).",
