@@ -54,7 +54,7 @@ class Sizes:
 
 
 FULL = Sizes(devices=3, rounds=5, local_epochs=1)
-QUICK = Sizes(devices=2, rounds=2, local_epochs=1)
+QUICK = Sizes(devices=1, rounds=2, local_epochs=1)  # a harness check
 LEARNING_RATE = 0.2
 """SGD learning rate of both federations (edgefl's default ``run.learning_rate``)."""
 SEED = 0
