@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,36 @@ class WeightMismatchError(EdgeError, ValueError):
         super().__init__("weights do not match the model card: " + "; ".join(self.problems))
 
 
+_WRAPPER_CALLS = ("ResizeInputTensor", "AllocateTensors", "SetTensor", "Invoke", "GetTensor")
+
+
+@dataclass(frozen=True)
+class _RunnerInternals:
+    """What a signature runner drives: its interpreter wrapper, subgraph and tensors."""
+
+    wrapper: Any
+    subgraph: int
+    inputs: dict[str, int]
+    outputs: dict[str, int]
+
+
+def _runner_internals(runner: Any) -> _RunnerInternals | None:
+    """The internals of ``runner`` when it exposes them (``ai-edge-litert`` 2.x, the
+    pinned runtime, does), else None: the caller then uses the runner's own call."""
+    wrapper: Any = getattr(runner, "_interpreter_wrapper", None)
+    if not all(callable(getattr(wrapper, name, None)) for name in _WRAPPER_CALLS):
+        return None
+    try:
+        return _RunnerInternals(
+            wrapper=wrapper,
+            subgraph=int(runner._subgraph_index),
+            inputs={str(name): int(i) for name, i in dict(runner._inputs).items()},
+            outputs={str(name): int(i) for name, i in dict(runner._outputs).items()},
+        )
+    except (AttributeError, TypeError, KeyError, ValueError):
+        return None
+
+
 class _InferCall:
     """The ``infer`` signature, called with as little Python per call as possible.
 
@@ -70,28 +101,17 @@ class _InferCall:
         self._input_name = input_name
         self._output_name = output_name
         self._batch = -1
-        wrapper: Any = getattr(runner, "_interpreter_wrapper", None)
-        subgraph = getattr(runner, "_subgraph_index", None)
-        inputs = getattr(runner, "_inputs", None)
-        outputs = getattr(runner, "_outputs", None)
-        self.direct = False
-        try:
-            self._wrapper = wrapper
-            self._subgraph = int(subgraph)  # type: ignore[arg-type]
-            self._input_index = int(inputs[input_name])  # type: ignore[index]
-            self._output_index = int(dict(outputs)[output_name])  # type: ignore[arg-type]
-            self.direct = all(
-                callable(getattr(wrapper, name, None))
-                for name in (
-                    "ResizeInputTensor",
-                    "AllocateTensors",
-                    "SetTensor",
-                    "Invoke",
-                    "GetTensor",
-                )
-            )
-        except (TypeError, KeyError, ValueError):
-            self.direct = False
+        internals = _runner_internals(runner)
+        self.direct = (
+            internals is not None
+            and input_name in internals.inputs
+            and output_name in internals.outputs
+        )
+        if internals is not None and self.direct:
+            self._wrapper = internals.wrapper
+            self._subgraph = internals.subgraph
+            self._input_index = internals.inputs[input_name]
+            self._output_index = internals.outputs[output_name]
 
     def __call__(self, xs: np.ndarray) -> np.ndarray:
         """Probabilities for ``xs`` (contiguous float32 ``[batch, *input_shape]``), a new array."""
@@ -138,24 +158,13 @@ class _SignatureCall:
         self._shapes = {
             name: tuple(int(d) for d in detail["shape"]) for name, detail in details.items()
         }
-        wrapper: Any = getattr(runner, "_interpreter_wrapper", None)
-        try:
-            self._wrapper = wrapper
-            self._subgraph = int(runner._subgraph_index)
-            self._inputs = {name: int(i) for name, i in dict(runner._inputs).items()}
-            self._outputs = [(str(name), int(i)) for name, i in runner._outputs]
-            self.direct = set(self._inputs) == set(self._shapes) and all(
-                callable(getattr(wrapper, name, None))
-                for name in (
-                    "ResizeInputTensor",
-                    "AllocateTensors",
-                    "SetTensor",
-                    "Invoke",
-                    "GetTensor",
-                )
-            )
-        except (AttributeError, TypeError, KeyError, ValueError):
-            self.direct = False
+        internals = _runner_internals(runner)
+        self.direct = internals is not None and set(internals.inputs) == set(self._shapes)
+        if internals is not None and self.direct:
+            self._wrapper = internals.wrapper
+            self._subgraph = internals.subgraph
+            self._inputs = internals.inputs
+            self._outputs = list(internals.outputs.items())
 
     def __call__(self, **values: np.ndarray) -> dict[str, np.ndarray]:
         """The signature's outputs by name (copies) for ``values`` by input name."""
